@@ -1,0 +1,45 @@
+"""Non-causal kernel linear attention, the reference implementation.
+
+    O_i = φ(q_i)ᵀ S / (φ(q_i)ᵀ z + eps),   S = (1/N) Σ_j φ(k_j) v_jᵀ,   z = (1/N) Σ_j φ(k_j)
+
+The 1/N cancels in the ratio but keeps S and z bounded as N grows. Cost is O(N d²); no N×N tensor is formed.
+"""
+from __future__ import annotations
+
+import torch
+
+from adala.attention.kernels import get_kernel
+
+DEFAULT_EPS = 1e-6
+
+
+def linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    kernel: str = "elu1",
+    eps: float = DEFAULT_EPS,
+) -> torch.Tensor:
+    """Linear attention over (batch, heads, tokens, head_dim) tensors.
+
+    φ, the d×d state and the normaliser are computed in fp32 whatever the input dtype (autocast included); the
+    result is returned in the dtype of ``v``.
+    """
+    if q.dim() != 4 or q.shape[:2] != k.shape[:2] or k.shape[:3] != v.shape[:3] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(
+            f"expected q, k, v as (batch, heads, tokens, head_dim) with matching sizes, got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    phi = get_kernel(kernel)
+    out_dtype = v.dtype
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        fq = phi(q.float(), False)
+        fk = phi(k.float(), True)
+        n = k.shape[-2]
+        state = torch.matmul(fk.transpose(-2, -1), v.float()) / n  # (b, h, d, d_v)
+        normaliser = fk.mean(dim=-2)  # (b, h, d)
+        numerator = torch.matmul(fq, state)  # (b, h, n, d_v)
+        denominator = torch.matmul(fq, normaliser.unsqueeze(-1))  # (b, h, n, 1)
+        out = numerator / (denominator + eps)
+    return out.to(out_dtype)

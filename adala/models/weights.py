@@ -1,0 +1,103 @@
+"""Load a local weight file into a timm ViT and write adala's exports.
+
+Accepted files: timm checkpoints (``.pth``/``.pt``/``.bin``, optionally under ``model``/``state_dict``),
+``.safetensors`` (timm keys, or adala exports with their metadata), the original DINOv2 and OpenAI-CLIP layouts
+(converted by timm's ``checkpoint_filter_fn``) and big_vision ``.npz`` files (SigLIP, AugReg; timm's loader).
+Position and patch embeddings are resampled when the file was trained at another resolution.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from timm.models.vision_transformer import checkpoint_filter_fn
+from torch import nn
+
+from adala.errors import UserError
+
+METADATA_KEY = "adala"
+# Task heads that may sit in a file and are not part of the backbone (Stage-3 exports).
+TASK_HEAD_PREFIXES = ("head.", "seg_head.")
+EXPORT_FORMAT = 1
+
+
+def read_export_metadata(path: str | os.PathLike) -> Optional[dict[str, Any]]:
+    """The adala metadata of an export, or None for any other file."""
+    if not str(path).endswith(".safetensors"):
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    return json.loads(meta[METADATA_KEY]) if METADATA_KEY in meta else None
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle errors, truncated files, ...
+        raise UserError(f"cannot read weights {path}: {err}; pass a .safetensors, .pth or .npz file") from None
+    if not isinstance(state, Mapping):
+        raise UserError(f"weights {path} hold a {type(state).__name__}, not a state dict")
+    return dict(state)
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike, *, model_name: str = "model") -> None:
+    """Load ``path`` into ``model`` strictly, except for task heads the model does not have or has resized."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"weights file {path} not found; set model.weights to an existing checkpoint")
+    if path.suffix == ".npz":
+        try:
+            model.load_pretrained(str(path))
+        except Exception as err:
+            raise UserError(f"weights {path} do not fit {model_name}: {err}") from None
+        return
+    state = checkpoint_filter_fn(read_state_dict(path), model)
+    own = model.state_dict()
+    state = {
+        k: v for k, v in state.items()
+        if not (k.startswith(TASK_HEAD_PREFIXES) and (k not in own or own[k].shape != v.shape))
+    }
+    wrong_shape = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    missing = [k for k in own if k not in state and not k.startswith(TASK_HEAD_PREFIXES)]
+    unexpected = [k for k in state if k not in own]
+    if wrong_shape or missing or unexpected:
+        raise UserError(
+            f"weights {path} do not fit {model_name}: "
+            + "; ".join(
+                f"{len(keys)} {what} ({_some(keys)})"
+                for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape))
+                if keys
+            )
+            + " — check that model= names the architecture these weights belong to"
+        )
+    model.load_state_dict(state, strict=False)
+
+
+def save_export(
+    state: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, Any]
+) -> Path:
+    """Write ``state`` as one safetensors file with adala metadata, atomically (temp name, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    meta = {METADATA_KEY: json.dumps({"format": EXPORT_FORMAT, **metadata}, sort_keys=True)}
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _some(keys: Iterable[str], n: int = 3) -> str:
+    keys = list(keys)
+    return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
