@@ -22,6 +22,7 @@ class LinearAttention(nn.Module):
         num_heads: int = 8,
         *,
         head_dim: Optional[int] = None,
+        dim_out: Optional[int] = None,
         qkv_bias: bool = False,
         proj_bias: bool = True,
         kernel: str = "elu1",
@@ -40,7 +41,7 @@ class LinearAttention(nn.Module):
         self.q_norm: nn.Module = nn.Identity()
         self.k_norm: nn.Module = nn.Identity()
         self.norm: nn.Module = nn.Identity()
-        self.proj = nn.Linear(self.attn_dim, dim, bias=proj_bias)
+        self.proj = nn.Linear(self.attn_dim, dim_out or dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
 
     @classmethod
@@ -48,21 +49,23 @@ class LinearAttention(nn.Module):
         """Build a linear attention with a copy of ``attn``'s weights (a timm ``Attention``)."""
         if getattr(attn, "gate", None) is not None:
             raise ValueError("gated timm attention is not supported by LinearAttention")
-        module = cls(
-            attn.qkv.in_features,
-            attn.num_heads,
-            head_dim=attn.head_dim,
-            qkv_bias=attn.qkv.bias is not None,
-            proj_bias=attn.proj.bias is not None,
-            kernel=kernel,
-            eps=eps,
-            proj_drop=attn.proj_drop.p,
-        )
-        module.proj = nn.Linear(attn.proj.in_features, attn.proj.out_features, bias=attn.proj.bias is not None)
+        with torch.device("meta"):  # no random init: every weight is copied from ``attn`` below
+            module = cls(
+                attn.qkv.in_features,
+                attn.num_heads,
+                head_dim=attn.head_dim,
+                dim_out=attn.proj.out_features,
+                qkv_bias=attn.qkv.bias is not None,
+                proj_bias=attn.proj.bias is not None,
+                kernel=kernel,
+                eps=eps,
+                proj_drop=attn.proj_drop.p,
+            )
         for name in ("q_norm", "k_norm", "norm"):
             setattr(module, name, copy.deepcopy(getattr(attn, name)))
-        module.load_state_dict(attn.state_dict(), strict=True)
-        return module.to(device=attn.qkv.weight.device, dtype=attn.qkv.weight.dtype)
+        weights = {k: v.detach().clone() for k, v in attn.state_dict().items()}
+        module.load_state_dict(weights, strict=True, assign=True)
+        return module
 
     def forward(
         self,

@@ -43,11 +43,11 @@ def build_vfm(
         if meta is not None:
             if meta.get("model") not in (None, name):
                 raise UserError(f"weights {weights} were exported from {meta['model']}, not {name}; set model={meta['model']}")
-            stored = _normalise(meta.get("attention"))
+            stored = _normalise(meta.get("attention")) or SOFTMAX
     if stored["kind"] == "linear" and requested is not None and requested != stored:
         raise UserError(
             f"weights {weights} were trained with {_describe(stored)}, but {_describe(requested)} was asked for; "
-            f"drop the attention override or set attention.kernel={stored['kernel']}"
+            f"drop the attention override or set attention.kernel={stored['kernel']} attention.eps={stored['eps']:g}"
         )
     model = timm.create_model(spec.timm_id, pretrained=False, img_size=img_size, num_classes=num_classes, **spec.timm_kwargs)
     if stored["kind"] == "linear":
@@ -76,7 +76,9 @@ def _normalise(attention: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
 
 
 def _describe(attention: dict[str, Any]) -> str:
-    return "softmax attention" if attention["kind"] == "softmax" else f"linear attention ({attention['kernel']})"
+    if attention["kind"] == "softmax":
+        return "softmax attention"
+    return f"linear attention ({attention['kernel']}, eps={attention['eps']:g})"
 
 
 __all__ = ["build_vfm", "attention_config"]

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import nn
@@ -30,15 +30,21 @@ def read_export_metadata(path: str | os.PathLike) -> Optional[dict[str, Any]]:
     """The adala metadata of an export, or None for any other file."""
     if not str(path).endswith(".safetensors"):
         return None
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except SafetensorError as err:
+        raise UserError(f"cannot read weights {path}: {err}; the file is damaged or not a safetensors file") from None
     return json.loads(meta[METADATA_KEY]) if METADATA_KEY in meta else None
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     if path.suffix == ".safetensors":
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except SafetensorError as err:
+            raise UserError(f"cannot read weights {path}: {err}; the file is damaged or not a safetensors file") from None
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:  # pickle errors, truncated files, ...

@@ -1,0 +1,53 @@
+"""Command line: ``python -m adala [group=option ...] [key=value ...]``.
+
+With a stage (``stage=align_attention|align_features|finetune_cls|finetune_seg``) it trains that stage; with
+none it runs the built-in demo. ``--cfg`` prints the composed config and exits.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Optional, Sequence
+
+from adala.errors import UserError
+
+USAGE = """usage: python -m adala [--cfg] [group=option ...] [key=value ...]
+
+groups:  model=<name> attention=elu1|relu|softplus|exp|softmax data=<name> strategy=single
+         stage=align_attention|align_features|finetune_cls|finetune_seg   (none: the built-in demo)
+keys:    model.weights=PATH stage.init=PATH run_dir=DIR resume=none|auto|PATH train.max_steps=N ...
+         (see conf/config.yaml and conf/<group>/*.yaml)
+"""
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in args):
+        print(USAGE, end="")
+        return 0
+    show_config = "--cfg" in args
+    overrides = [a for a in args if a != "--cfg"]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        from adala.config import compose, to_yaml
+
+        cfg = compose(overrides)
+        if show_config:
+            print(to_yaml(cfg), end="")
+            return 0
+        if cfg.stage is None:
+            from adala.demo import run_demo
+
+            run_demo(cfg, overrides)
+        else:
+            from adala.run import run_stage
+
+            run_stage(cfg)
+    except UserError as err:
+        print(f"adala: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

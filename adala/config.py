@@ -1,0 +1,174 @@
+"""The configuration schema, Hydra composition and up-front validation.
+
+Every config group maps to one dataclass here; composition merges the YAML files under ``conf/`` with the
+user's overrides, the schema rejects unknown keys and wrong types, and :func:`validate` checks what the schema
+cannot (model names, resolutions, files) before any work starts.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+from adala.errors import UserError
+
+CONFIG_DIR = Path(os.environ.get("ADALA_CONFIG_DIR", Path(__file__).resolve().parent.parent / "conf"))
+
+
+@dataclass
+class ModelConfig:
+    name: str = "demo_tiny"
+    img_size: Optional[int] = None  # None: the model's native resolution
+    weights: Optional[str] = None  # the original (softmax) VFM weights; None: random initialisation
+
+
+@dataclass
+class AttentionConfig:
+    kind: str = "linear"  # linear | softmax
+    kernel: str = "elu1"
+    eps: float = 1e-6
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    schedule: str = "constant"  # constant | poly
+    power: float = 0.9
+    warmup_steps: int = 0
+    max_grad_norm: Optional[float] = None
+    backbone_lr_scale: float = 1.0
+
+
+@dataclass
+class StageConfig:
+    name: str = "align_attention"
+    init: Optional[str] = None  # the previous stage's export; None: start from model.weights
+    batch_size: int = 16
+    epochs: Optional[float] = None  # with data.train_samples, sets train.max_steps when that is not given
+    alpha: Optional[float] = None  # align_features: loss weight; None: the model's α
+    transform: str = "align"
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+@dataclass
+class DataConfig:
+    name: str = "demo"
+    train: Optional[str] = None  # shard URLs, brace patterns allowed
+    val: Optional[str] = None
+    train_samples: Optional[int] = None  # samples in one pass over data.train
+    num_classes: int = 0
+    num_seg_classes: int = 0
+    shuffle_buffer: int = 1000
+    train_transform: Optional[str] = None  # None: the stage's own (stage.transform)
+    eval_transform: str = "eval"
+
+
+@dataclass
+class TrainConfig:
+    max_steps: Optional[int] = None
+    log_every: int = 10
+    save_every: int = 500
+    keep_last: int = 2
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast)
+    progress: bool = True
+
+
+@dataclass
+class StrategyConfig:
+    name: str = "single"
+
+
+@dataclass
+class DemoConfig:
+    """Sizes of the built-in demo (``python -m adala`` with no stage)."""
+
+    cache_dir: Optional[str] = None  # None: $ADALA_CACHE or ~/.cache/adala
+    pretrain_samples: int = 20000
+    finetune_samples: int = 2000
+    val_samples: int = 1000
+    teacher_steps: int = 1500
+    teacher_batch_size: int = 64
+    teacher_lr: float = 2e-3
+    align_attention_steps: int = 100
+    align_attention_lr: float = 1e-2  # the paper's Stage-1 lr
+    align_features_steps: int = 300
+    align_features_lr: float = 1e-3  # the paper's Stage-2 lr
+    align_batch_size: int = 32
+    finetune_steps: int = 150
+    finetune_batch_size: int = 32
+    finetune_lr: float = 1e-3
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    stage: Optional[StageConfig] = None  # None: run the built-in demo
+    data: DataConfig = field(default_factory=DataConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+    run_dir: Optional[str] = None  # None: runs/<stage or demo>-<model>
+    resume: str = "none"  # none | auto | path to a checkpoints/step-N directory
+
+
+def compose(overrides: Sequence[str] = ()) -> Config:
+    """Compose ``conf/config.yaml`` with Hydra-style overrides and check it against the schema."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="adala_schema", node=Config)
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            raw = hydra_compose(config_name="config", overrides=list(overrides))
+        merged = OmegaConf.merge(OmegaConf.structured(Config), raw)
+        cfg = OmegaConf.to_object(merged)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise UserError(_explain(err)) from None
+    except AssertionError:  # OmegaConf's way of refusing a key under an unselected (null) group
+        raise UserError(
+            "an override sets a key of a config group that is not selected; select it first, "
+            "e.g. stage=align_attention stage.batch_size=8"
+        ) from None
+    assert isinstance(cfg, Config)
+    return cfg
+
+
+def to_yaml(cfg: Config) -> str:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def options(group: str) -> list[str]:
+    """The choices of a config group: the YAML files in ``conf/<group>/``."""
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+def _explain(err: Exception) -> str:
+    """One line for a composition error, naming the fix."""
+    text = str(err).strip() or type(err).__name__
+    missing_option = re.search(r"Could not find '([\w/]+)/([^']+)'", text)
+    if missing_option:
+        group, option = missing_option.groups()
+        return f"unknown {group} {option!r}; choose one of: {', '.join(options(group))}"
+    bad_key = re.search(r"Could not override '([^']+)'", text)
+    if bad_key:
+        return (f"unknown config key {bad_key.group(1)!r}; check its spelling against `python -m adala --cfg` "
+                "(config groups are chosen as group=option, e.g. model=dinov2_l)")
+    first = text.splitlines()[0].rstrip(".")
+    if "mismatched input" in text or "token recognition error" in text:
+        return (f"cannot parse an override ({first}); quote values with braces or special characters, "
+                "e.g. 'data.train=\"/data/train-{000000..000099}.tar\"'")
+    key = getattr(err, "full_key", None)
+    return f"{key}: {first}" if key else f"{first}; see `python -m adala --help`"

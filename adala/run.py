@@ -1,0 +1,136 @@
+"""Run one stage from a validated config: build its parts, stream its data, fit, export, evaluate."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from adala.attention import get_kernel
+from adala.config import Config, StageConfig, to_yaml
+from adala.errors import UserError
+from adala.models import check_img_size, get_vfm
+
+log = logging.getLogger(__name__)
+
+EXPORT_NAME = "model.safetensors"
+NEEDS_TEACHER_WEIGHTS = ("align_attention", "align_features")
+NEEDS_LABELS = {"finetune_cls": "num_classes", "finetune_seg": "num_seg_classes"}
+
+
+@dataclass
+class StageResult:
+    run_dir: Path
+    export: Path
+    steps: int
+    metrics: dict[str, float]
+
+
+def validate(cfg: Config) -> Config:
+    """Check everything a user can get wrong before any model is built; fills in derived defaults."""
+    from adala.data.shards import expand_urls
+    from adala.stages import get_stage
+
+    stage = _require_stage(cfg)
+    get_stage(stage.name)
+    spec = get_vfm(cfg.model.name)
+    cfg.model.img_size = cfg.model.img_size or spec.img_size
+    check_img_size(spec, cfg.model.img_size)
+    if cfg.attention.kind not in ("linear", "softmax"):
+        raise UserError(f"unknown attention kind {cfg.attention.kind!r}; use attention=elu1 (linear) or attention=softmax")
+    try:
+        get_kernel(cfg.attention.kernel)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    for key, path in (("model.weights", cfg.model.weights), ("stage.init", stage.init)):
+        if path is not None and not os.path.isfile(path):
+            raise UserError(f"{key}={path}: file not found; point it at a weight file or an adala export")
+    if stage.name in NEEDS_TEACHER_WEIGHTS and cfg.model.weights is None:
+        raise UserError(f"stage {stage.name} aligns to a pretrained teacher; set model.weights=PATH to its weights")
+    if stage.name in NEEDS_LABELS and getattr(cfg.data, NEEDS_LABELS[stage.name]) <= 0:
+        raise UserError(f"stage {stage.name} needs data.{NEEDS_LABELS[stage.name]}; pick a labelled data= config")
+    if cfg.data.train is None:
+        raise UserError("data.train is not set; point it at tar shards, e.g. data.train='/data/train-{000000..000099}.tar'")
+    expand_urls(cfg.data.train)
+    if cfg.data.val is not None:
+        expand_urls(cfg.data.val)
+    if cfg.train.max_steps is None:
+        if stage.epochs is None or cfg.data.train_samples is None:
+            raise UserError("set train.max_steps, or stage.epochs together with data.train_samples")
+        cfg.train.max_steps = max(1, math.ceil(stage.epochs * cfg.data.train_samples / stage.batch_size))
+    if cfg.train.max_steps <= 0 or stage.batch_size <= 0:
+        raise UserError("train.max_steps and stage.batch_size must be positive")
+    if cfg.resume not in ("none", "auto") and not os.path.isdir(cfg.resume):
+        raise UserError(f"resume={cfg.resume}: no such checkpoint directory; use resume=auto or a checkpoints/step-N path")
+    cfg.run_dir = cfg.run_dir or f"runs/{stage.name}-{cfg.model.name}"
+    return cfg
+
+
+def run_stage(cfg: Config) -> StageResult:
+    """Train ``cfg.stage`` (validated first), export its product atomically and evaluate it if it has a val set."""
+    from adala.data.shards import expand_urls
+    from adala.data.stream import ShardStream
+    from adala.data.transforms import build_transform
+    from adala.engine.loop import LoopConfig, fit
+    from adala.engine.state import seed_everything
+    from adala.engine.strategy import build_strategy
+    from adala.stages import get_stage
+
+    cfg = validate(cfg)
+    stage = _require_stage(cfg)
+    strategy = build_strategy(cfg.strategy.name, device=cfg.train.device, precision=cfg.train.precision)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    seed_everything(cfg.train.seed)
+
+    module = get_stage(stage.name)
+    parts = module.build(cfg)
+    spec = get_vfm(cfg.model.name)
+    transform = build_transform(cfg.data.train_transform or stage.transform, img_size=cfg.model.img_size, mean=spec.mean, std=spec.std)
+    stream = ShardStream(
+        expand_urls(cfg.data.train),
+        fields=module.FIELDS,
+        transform=transform,
+        batch_size=stage.batch_size,
+        seed=cfg.train.seed,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+    )
+    optim = stage.optim
+    loop = LoopConfig(
+        max_steps=cfg.train.max_steps,
+        lr=optim.lr,
+        weight_decay=optim.weight_decay,
+        schedule=optim.schedule,
+        power=optim.power,
+        warmup_steps=optim.warmup_steps,
+        max_grad_norm=optim.max_grad_norm,
+        log_every=cfg.train.log_every,
+        save_every=cfg.train.save_every,
+        keep_last=cfg.train.keep_last,
+        progress=cfg.train.progress,
+    )
+    state = fit(parts, stream, loop, strategy=strategy, run_dir=run_dir, resume=cfg.resume)
+    export = parts.export(run_dir / "export" / EXPORT_NAME)
+    metrics: dict[str, float] = {}
+    if parts.evaluate is not None and cfg.data.val is not None:
+        eval_transform = build_transform(cfg.data.eval_transform, img_size=cfg.model.img_size, mean=spec.mean, std=spec.std)
+        val = ShardStream(expand_urls(cfg.data.val), fields=module.FIELDS, transform=eval_transform,
+                          batch_size=stage.batch_size, shuffle_buffer=0, repeat=False, drop_last=False)
+        metrics = parts.evaluate(strategy.to_device(batch) for batch in val)
+        (run_dir / "metrics.json").write_text(json.dumps({"step": state.step, **metrics}, indent=2) + "\n")
+    log.info("%s done after %d steps; export %s%s", stage.name, state.step, export,
+             "".join(f", {k} {v:.4f}" for k, v in metrics.items()))
+    return StageResult(run_dir=run_dir, export=export, steps=state.step, metrics=metrics)
+
+
+def _require_stage(cfg: Config) -> StageConfig:
+    if cfg.stage is None:
+        raise UserError("no stage selected; add stage=align_attention|align_features|finetune_cls|finetune_seg")
+    return cfg.stage
+
+
+__all__: list[Any] = ["StageResult", "run_stage", "validate"]

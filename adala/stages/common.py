@@ -1,0 +1,45 @@
+"""Pieces shared by the stages: building models from the config and writing exports."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from torch import nn
+
+from adala.models import attention_config, build_vfm
+
+
+def frozen_teacher(model_cfg: Any) -> nn.Module:
+    """The original softmax VFM from ``model.weights``: eval mode, no gradients."""
+    teacher = build_vfm(model_cfg.name, img_size=model_cfg.img_size, weights=model_cfg.weights, attention={"kind": "softmax"})
+    return teacher.eval().requires_grad_(False)
+
+
+def start_weights(cfg: Any) -> Optional[str]:
+    """Where a stage's trained model starts: the previous stage's export, else the user's weights."""
+    return cfg.stage.init or cfg.model.weights
+
+
+def export_metadata(cfg: Any, backbone: nn.Module, **extra: Any) -> dict[str, Any]:
+    return {
+        "model": cfg.model.name,
+        "img_size": cfg.model.img_size,
+        "attention": attention_config(backbone),
+        "stage": cfg.stage.name,
+        **extra,
+    }
+
+
+def requested_attention(cfg: Any) -> dict[str, Any]:
+    """The attention the trained model should use, from the ``attention`` config group."""
+    return dict(vars(cfg.attention))
+
+
+def backbone_and_head_groups(model: nn.Module, head_prefixes: tuple[str, ...], backbone_lr_scale: float) -> list[dict]:
+    """Parameter groups for fine-tuning: the pretrained backbone at ``backbone_lr_scale`` × lr, new heads at lr."""
+    backbone, head = [], []
+    for name, param in model.named_parameters():
+        (head if name.startswith(head_prefixes) else backbone).append(param)
+    return [
+        {"params": backbone, "lr_scale": backbone_lr_scale, "name": "backbone"},
+        {"params": head, "lr_scale": 1.0, "name": "head"},
+    ]

@@ -1,0 +1,241 @@
+"""Softmax attention (``F.scaled_dot_product_attention``) vs ``adala.attention.linear_attention``.
+
+Measures forward+backward wall time and peak memory over a range of token counts and writes
+``<out>/attention-<device>.json`` and ``.md``. Run from the repository root::
+
+    python -m bench.attention [--tokens 256 1024] [--heads 12] [--head-dim 64] [--repeats 10] [--dtype float32]
+
+Every (method, tokens) case runs in a fresh subprocess, so one case's allocations cannot hide or inflate
+another's peak. Peak memory is what one forward+backward adds on top of its inputs (q, k, v and the output
+cotangent): output, saved activations, gradients and workspace.
+
+* CPU: the process's resident-set high-water mark (``VmHWM``) is reset through ``/proc/self/clear_refs`` right
+  before the call, and the peak is ``VmHWM`` after it minus ``VmRSS`` before it (Linux only).
+* CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus the memory allocated before.
+
+The memory run doubles as the warm-up at the measured shape; the timed repeats follow it. Repeats shrink with the
+token count (softmax costs O(N²)): ``max(1, repeats * 1024 // max(N, 1024))``; the median is reported.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from adala.attention import linear_attention
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_TOKENS = [256, 512, 1024, 2048, 4096, 8192, 16384]
+METHODS: dict[str, Callable[..., torch.Tensor]] = {
+    "softmax": F.scaled_dot_product_attention,
+    "linear": linear_attention,
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MEMORY_METHOD = {
+    "cpu": "resident-set high-water mark (VmHWM, reset via /proc/self/clear_refs) minus resident set before the "
+    "call, in a fresh process per case",
+    "cuda": "torch.cuda.max_memory_allocated minus memory allocated before the call, in a fresh process per case",
+}
+TIMING_METHOD = {"cpu": "time.perf_counter", "cuda": "CUDA events"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", type=int, nargs="+", default=DEFAULT_TOKENS)
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=10, help="timed repeats at N ≤ 1024, fewer above")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--worker", metavar="METHOD", choices=sorted(METHODS), help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def repeats_for(tokens: int, repeats: int) -> int:
+    return max(1, repeats * 1024 // max(tokens, 1024))
+
+
+# ---------------------------------------------------------------- worker: one method at one token count
+
+
+def _proc_status_mb(key: str) -> float:
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"^{key}:\s+(\d+) kB", f.read(), re.M).group(1)) / 1024
+
+
+def _forward_backward(fn: Callable[..., torch.Tensor], q, k, v, cotangent) -> None:
+    for t in (q, k, v):
+        t.grad = None
+    fn(q, k, v).backward(cotangent)
+
+
+def _peak_mb(device: str, run: Callable[[], None]) -> float:
+    """Memory that ``run`` adds at its peak over what was allocated before it."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        run()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current resident set
+    before = _proc_status_mb("VmRSS")
+    run()
+    return _proc_status_mb("VmHWM") - before
+
+
+def _time_ms(device: str, run: Callable[[], None]) -> float:
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end)
+    start_s = time.perf_counter()
+    run()
+    return (time.perf_counter() - start_s) * 1e3
+
+
+def _inputs(tokens: int, args: argparse.Namespace) -> list[torch.Tensor]:
+    shape = (1, args.heads, tokens, args.head_dim)
+    opts = dict(device=args.device, dtype=DTYPES[args.dtype])
+    q, k, v = (torch.randn(shape, **opts, requires_grad=True) for _ in range(3))
+    return [q, k, v, torch.randn(shape, **opts)]
+
+
+def worker(method: str, tokens: int, args: argparse.Namespace) -> dict:
+    """Peak memory of one forward+backward, then the median time of the timed repeats."""
+    fn = METHODS[method]
+    _forward_backward(fn, *_inputs(16, args))  # load kernels, start thread pools: not part of the peak
+    inputs = _inputs(tokens, args)
+    run = functools.partial(_forward_backward, fn, *inputs)
+    peak = _peak_mb(args.device, run)
+    times = [_time_ms(args.device, run) for _ in range(repeats_for(tokens, args.repeats))]
+    return {"ms": statistics.median(times), "peak_mb": peak, "repeats": len(times)}
+
+
+# ---------------------------------------------------------------- driver
+
+
+def run_case(method: str, tokens: int, args: argparse.Namespace) -> dict:
+    command = [
+        sys.executable, "-m", "bench.attention", "--worker", method, "--tokens", str(tokens),
+        "--heads", str(args.heads), "--head-dim", str(args.head_dim), "--repeats", str(args.repeats),
+        "--dtype", args.dtype, "--device", args.device,
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        with open("/proc/cpuinfo") as f:
+            return re.search(r"^model name\s*:\s*(.+)$", f.read(), re.M).group(1).strip()
+    except (OSError, AttributeError):
+        return platform.processor() or platform.machine()
+
+
+def header(args: argparse.Namespace) -> dict:
+    return {
+        "device": device_name(args.device),
+        "device_type": args.device,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "settings": {
+            "batch": 1,
+            "heads": args.heads,
+            "head_dim": args.head_dim,
+            "dtype": args.dtype,
+            "linear_kernel": "elu1",
+            "repeats": {str(n): repeats_for(n, args.repeats) for n in args.tokens},
+            "cpu_threads": torch.get_num_threads(),
+        },
+        "measured": "forward + backward w.r.t. q, k, v; time is the median over repeats",
+        "timing": TIMING_METHOD[args.device],
+        "peak_memory": MEMORY_METHOD[args.device] + "; excludes the inputs q, k, v and the output cotangent",
+    }
+
+
+def compare(tokens: int, args: argparse.Namespace) -> dict:
+    softmax, linear = (run_case(method, tokens, args) for method in ("softmax", "linear"))
+    row = {
+        "tokens": tokens,
+        "softmax_ms": softmax["ms"],
+        "linear_ms": linear["ms"],
+        "speedup": softmax["ms"] / linear["ms"],
+        "softmax_peak_mb": softmax["peak_mb"],
+        "linear_peak_mb": linear["peak_mb"],
+        "memory_ratio": softmax["peak_mb"] / linear["peak_mb"] if linear["peak_mb"] > 0 else None,
+        "repeats": softmax["repeats"],
+    }
+    print(markdown_row(row), flush=True)
+    return row
+
+
+def markdown_row(row: dict) -> str:
+    ratio = "n/a" if row["memory_ratio"] is None else f"{row['memory_ratio']:.2f}×"
+    return (
+        f"| {row['tokens']} | {row['softmax_ms']:.1f} | {row['linear_ms']:.1f} | {row['speedup']:.2f}× | "
+        f"{row['softmax_peak_mb']:.1f} | {row['linear_peak_mb']:.1f} | {ratio} |"
+    )
+
+
+TABLE_HEAD = (
+    "| N | softmax ms | linear ms | speed ratio (softmax/linear) | softmax peak MB | linear peak MB | "
+    "memory ratio (softmax/linear) |\n|---:|---:|---:|---:|---:|---:|---:|"
+)
+
+
+def markdown(report: dict) -> str:
+    s = report["settings"]
+    lines = [
+        f"# Attention benchmark: softmax (SDPA) vs linear ({s['linear_kernel']})",
+        "",
+        f"- device: {report['device']} ({report['device_type']}, {s['cpu_threads']} CPU threads)",
+        f"- torch {report['torch']}, Python {report['python']}, {report['date']}",
+        f"- batch 1, {s['heads']} heads × head_dim {s['head_dim']}, {s['dtype']}",
+        f"- {report['measured']}; repeats per N: {s['repeats']}",
+        f"- timing: {report['timing']}",
+        f"- peak memory: {report['peak_memory']}",
+        "",
+        TABLE_HEAD,
+        *(markdown_row(row) for row in report["results"]),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.tokens[0], args)))
+        return
+    report = header(args)
+    print(TABLE_HEAD, flush=True)
+    report["results"] = [compare(n, args) for n in args.tokens]
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"attention-{args.device}"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(markdown(report))
+    print(f"wrote {stem.name}.json and {stem.name}.md")
+
+
+if __name__ == "__main__":
+    main()
