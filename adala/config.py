@@ -91,9 +91,9 @@ class DemoConfig:
     pretrain_samples: int = 20000
     finetune_samples: int = 2000
     val_samples: int = 1000
-    teacher_steps: int = 1500
+    teacher_steps: int = 500
     teacher_batch_size: int = 64
-    teacher_lr: float = 2e-3
+    teacher_lr: float = 1e-3
     align_attention_steps: int = 100
     align_attention_lr: float = 1e-2  # the paper's Stage-1 lr
     align_features_steps: int = 300
@@ -144,6 +144,14 @@ def compose(overrides: Sequence[str] = ()) -> Config:
     return cfg
 
 
+def override(key: str, value: object) -> str:
+    """A Hydra override ``key=value`` with the value quoted, so paths with braces or ``=`` pass unchanged."""
+    text = str(value)
+    if '"' in text:
+        raise UserError(f"{key}: values containing a double quote are not supported ({text})")
+    return f'{key}="{text}"'
+
+
 def to_yaml(cfg: Config) -> str:
     from omegaconf import OmegaConf
 
@@ -155,8 +163,19 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
 
 
+def _unknown_key(key: str) -> str:
+    return (f"unknown config key {key!r}; check its spelling against `python -m adala --cfg` "
+            "(config groups are chosen as group=option, e.g. model=dinov2_l)")
+
+
 def _explain(err: Exception) -> str:
     """One line for a composition error, naming the fix."""
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    if isinstance(err.__cause__, Exception) and getattr(err.__cause__, "full_key", None):
+        err = err.__cause__  # "Error merging override k=v" wraps the validation error that says why
+    if isinstance(err, (ConfigAttributeError, ConfigKeyError)) and getattr(err, "full_key", None):
+        return _unknown_key(err.full_key)
     text = str(err).strip() or type(err).__name__
     missing_option = re.search(r"Could not find '([\w/]+)/([^']+)'", text)
     if missing_option:
@@ -164,8 +183,7 @@ def _explain(err: Exception) -> str:
         return f"unknown {group} {option!r}; choose one of: {', '.join(options(group))}"
     bad_key = re.search(r"Could not override '([^']+)'", text)
     if bad_key:
-        return (f"unknown config key {bad_key.group(1)!r}; check its spelling against `python -m adala --cfg` "
-                "(config groups are chosen as group=option, e.g. model=dinov2_l)")
+        return _unknown_key(bad_key.group(1))
     first = text.splitlines()[0].rstrip(".")
     if "mismatched input" in text or "token recognition error" in text:
         return (f"cannot parse an override ({first}); quote values with braces or special characters, "

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from adala.config import Config, compose, to_yaml
+from adala.config import Config, compose, override, to_yaml
 from adala.data.demo_data import ensure_demo_shards
 from adala.models import save_export
 from adala.models.weights import read_export_metadata, read_state_dict
@@ -50,27 +50,27 @@ def run_demo(cfg: Config, overrides: Sequence[str] = ()) -> dict:
     user = [o for o in overrides if not o.startswith(("stage=", "run_dir=", "demo.", "resume="))]
 
     def stage(name: str, subdir: str, *extra: str) -> StageResult:
-        stage_cfg = compose([f"stage={name}", f"run_dir={run_dir / subdir}", *user, *extra])
+        stage_cfg = compose([f"stage={name}", override("run_dir", run_dir / subdir), *user, *extra])
         return run_stage(stage_cfg)
 
     teacher = _teacher(cache, shards, demo, user)
-    pretrain = [f"model.weights={teacher}", f"data.train={shards['pretrain']}"]
+    pretrain = [override("model.weights", teacher), override("data.train", shards['pretrain'])]
     s1 = stage("align_attention", "s1_align_attention", *pretrain, f"train.max_steps={demo.align_attention_steps}",
                f"stage.batch_size={demo.align_batch_size}", f"stage.optim.lr={demo.align_attention_lr}")
     s2_args = (*pretrain, f"train.max_steps={demo.align_features_steps}", f"stage.batch_size={demo.align_batch_size}",
                f"stage.optim.lr={demo.align_features_lr}")
-    s2 = stage("align_features", "s2_align_features", *s2_args, f"stage.init={s1.export}")
+    s2 = stage("align_features", "s2_align_features", *s2_args, override("stage.init", s1.export))
     s2_only = stage("align_features", "s2_without_s1", *s2_args)
 
     starts = {
-        "teacher": [f"model.weights={teacher}", "attention=softmax"],
-        "adala": [f"stage.init={s2.export}"],
-        "s2_s3": [f"stage.init={s2_only.export}"],
-        "s1_s3": [f"stage.init={s1.export}"],
-        "s3_only": [f"model.weights={teacher}"],
+        "teacher": [override("model.weights", teacher), "attention=softmax"],
+        "adala": [override("stage.init", s2.export)],
+        "s2_s3": [override("stage.init", s2_only.export)],
+        "s1_s3": [override("stage.init", s1.export)],
+        "s3_only": [override("model.weights", teacher)],
         "scratch_linear": ["stage.optim.backbone_lr_scale=1.0"],  # no pretrained backbone to protect
     }
-    finetune = [f"data.train={shards['finetune']}", f"data.val={shards['val']}", f"train.max_steps={demo.finetune_steps}",
+    finetune = [override("data.train", shards['finetune']), override("data.val", shards['val']), f"train.max_steps={demo.finetune_steps}",
                 f"stage.batch_size={demo.finetune_batch_size}", f"stage.optim.lr={demo.finetune_lr}"]
     report = {}
     for variant in VARIANTS:
@@ -102,8 +102,8 @@ def _teacher(cache: Path, shards: dict[str, str], demo, user: list[str]) -> Path
         log.info("using the cached demo teacher %s", path)
         return path
     result = run_stage(compose([
-        "stage=finetune_cls", "attention=softmax", f"run_dir={cache / 'teacher-run'}", *user,
-        f"data.train={shards['pretrain']}", f"data.val={shards['val']}", f"train.max_steps={demo.teacher_steps}",
+        "stage=finetune_cls", "attention=softmax", override("run_dir", cache / 'teacher-run'), *user,
+        override("data.train", shards['pretrain']), override("data.val", shards['val']), f"train.max_steps={demo.teacher_steps}",
         f"stage.batch_size={demo.teacher_batch_size}", f"stage.optim.lr={demo.teacher_lr}",
         "stage.optim.backbone_lr_scale=1.0", "stage.optim.warmup_steps=50",
     ]))

@@ -82,13 +82,12 @@ def run_stage(cfg: Config) -> StageResult:
     cfg = validate(cfg)
     stage = _require_stage(cfg)
     strategy = build_strategy(cfg.strategy.name, device=cfg.train.device, precision=cfg.train.precision)
+    seed_everything(cfg.train.seed)
+    module = get_stage(stage.name)
+    parts = module.build(cfg)  # loads the weights: a file that does not fit fails here, before anything is written
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    seed_everything(cfg.train.seed)
-
-    module = get_stage(stage.name)
-    parts = module.build(cfg)
     spec = get_vfm(cfg.model.name)
     transform = build_transform(cfg.data.train_transform or stage.transform, img_size=cfg.model.img_size, mean=spec.mean, std=spec.std)
     stream = ShardStream(

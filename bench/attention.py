@@ -5,16 +5,21 @@ Measures forward+backward wall time and peak memory over a range of token counts
 
     python -m bench.attention [--tokens 256 1024] [--heads 12] [--head-dim 64] [--repeats 10] [--dtype float32]
 
-Every (method, tokens) case runs in a fresh subprocess, so one case's allocations cannot hide or inflate
-another's peak. Peak memory is what one forward+backward adds on top of its inputs (q, k, v and the output
-cotangent): output, saved activations, gradients and workspace.
+Each (method, tokens) case is measured in two fresh subprocesses, one for memory and one for time, so no case's
+allocations hide or inflate another's peak. Peak memory is what one forward+backward adds on top of its inputs
+(q, k, v and the output cotangent): output, saved activations, gradients and workspace.
 
 * CPU: the process's resident-set high-water mark (``VmHWM``) is reset through ``/proc/self/clear_refs`` right
-  before the call, and the peak is ``VmHWM`` after it minus ``VmRSS`` before it (Linux only).
+  before the call, and the peak is ``VmHWM`` after it minus ``VmRSS`` before it (Linux only). The memory process
+  runs with ``MALLOC_MMAP_THRESHOLD_=65536`` so that glibc returns freed tensors to the OS at once; otherwise
+  freed heap memory stays resident and the peak depends on fragmentation (up to ≈ +50% at mid-sized N). The timing
+  process keeps the default allocator, which is what a user gets.
 * CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus the memory allocated before.
 
-The memory run doubles as the warm-up at the measured shape; the timed repeats follow it. Repeats shrink with the
-token count (softmax costs O(N²)): ``max(1, repeats * 1024 // max(N, 1024))``; the median is reported.
+Timing: one warm-up at the measured shape, then repeats that shrink with the token count (softmax costs O(N²)):
+``max(1, repeats * 1024 // max(N, 1024))``; the median is reported. On a shared CPU the times depend on other load:
+linear attention is some 30 small multithreaded ops, each waiting for all its threads, so one busy core slows it
+far more than SDPA's single fused kernel. The 1-minute load average at start is recorded for that reason.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import argparse
 import datetime
 import functools
 import json
+import os
 import platform
 import re
 import statistics
@@ -45,7 +51,7 @@ METHODS: dict[str, Callable[..., torch.Tensor]] = {
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MEMORY_METHOD = {
     "cpu": "resident-set high-water mark (VmHWM, reset via /proc/self/clear_refs) minus resident set before the "
-    "call, in a fresh process per case",
+    "call, in a fresh process per case, with glibc returning freed memory at once (MALLOC_MMAP_THRESHOLD_=65536)",
     "cuda": "torch.cuda.max_memory_allocated minus memory allocated before the call, in a fresh process per case",
 }
 TIMING_METHOD = {"cpu": "time.perf_counter", "cuda": "CUDA events"}
@@ -61,6 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--worker", metavar="METHOD", choices=sorted(METHODS), help=argparse.SUPPRESS)
+    parser.add_argument("--measure", choices=["memory", "time"], help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -118,28 +125,36 @@ def _inputs(tokens: int, args: argparse.Namespace) -> list[torch.Tensor]:
     return [q, k, v, torch.randn(shape, **opts)]
 
 
-def worker(method: str, tokens: int, args: argparse.Namespace) -> dict:
-    """Peak memory of one forward+backward, then the median time of the timed repeats."""
+def worker(method: str, tokens: int, measure: str, args: argparse.Namespace) -> dict:
+    """The peak memory of one forward+backward, or the median time of the repeats after a warm-up."""
     fn = METHODS[method]
     _forward_backward(fn, *_inputs(16, args))  # load kernels, start thread pools: not part of the peak
-    inputs = _inputs(tokens, args)
-    run = functools.partial(_forward_backward, fn, *inputs)
-    peak = _peak_mb(args.device, run)
+    run = functools.partial(_forward_backward, fn, *_inputs(tokens, args))
+    if measure == "memory":
+        return {"peak_mb": _peak_mb(args.device, run)}
+    run()
     times = [_time_ms(args.device, run) for _ in range(repeats_for(tokens, args.repeats))]
-    return {"ms": statistics.median(times), "peak_mb": peak, "repeats": len(times)}
+    return {"ms": statistics.median(times), "min_ms": min(times), "repeats": len(times)}
 
 
 # ---------------------------------------------------------------- driver
 
 
-def run_case(method: str, tokens: int, args: argparse.Namespace) -> dict:
+def run_worker(method: str, tokens: int, measure: str, args: argparse.Namespace) -> dict:
     command = [
-        sys.executable, "-m", "bench.attention", "--worker", method, "--tokens", str(tokens),
+        sys.executable, "-m", "bench.attention", "--worker", method, "--measure", measure, "--tokens", str(tokens),
         "--heads", str(args.heads), "--head-dim", str(args.head_dim), "--repeats", str(args.repeats),
         "--dtype", args.dtype, "--device", args.device,
     ]  # fmt: skip
-    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    env = dict(os.environ)
+    if measure == "memory" and args.device == "cpu":
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_case(method: str, tokens: int, args: argparse.Namespace) -> dict:
+    return {**run_worker(method, tokens, "memory", args), **run_worker(method, tokens, "time", args)}
 
 
 def device_name(device: str) -> str:
@@ -168,7 +183,8 @@ def header(args: argparse.Namespace) -> dict:
             "repeats": {str(n): repeats_for(n, args.repeats) for n in args.tokens},
             "cpu_threads": torch.get_num_threads(),
         },
-        "measured": "forward + backward w.r.t. q, k, v; time is the median over repeats",
+        "load_average_at_start": round(os.getloadavg()[0], 2),
+        "measured": "forward + backward w.r.t. q, k, v; time is the median over repeats (min in the JSON)",
         "timing": TIMING_METHOD[args.device],
         "peak_memory": MEMORY_METHOD[args.device] + "; excludes the inputs q, k, v and the output cotangent",
     }
@@ -180,10 +196,12 @@ def compare(tokens: int, args: argparse.Namespace) -> dict:
         "tokens": tokens,
         "softmax_ms": softmax["ms"],
         "linear_ms": linear["ms"],
+        "softmax_min_ms": softmax["min_ms"],
+        "linear_min_ms": linear["min_ms"],
         "speedup": softmax["ms"] / linear["ms"],
         "softmax_peak_mb": softmax["peak_mb"],
         "linear_peak_mb": linear["peak_mb"],
-        "memory_ratio": softmax["peak_mb"] / linear["peak_mb"] if linear["peak_mb"] > 0 else None,
+        "memory_ratio": softmax["peak_mb"] / linear["peak_mb"],
         "repeats": softmax["repeats"],
     }
     print(markdown_row(row), flush=True)
@@ -191,10 +209,9 @@ def compare(tokens: int, args: argparse.Namespace) -> dict:
 
 
 def markdown_row(row: dict) -> str:
-    ratio = "n/a" if row["memory_ratio"] is None else f"{row['memory_ratio']:.2f}×"
     return (
         f"| {row['tokens']} | {row['softmax_ms']:.1f} | {row['linear_ms']:.1f} | {row['speedup']:.2f}× | "
-        f"{row['softmax_peak_mb']:.1f} | {row['linear_peak_mb']:.1f} | {ratio} |"
+        f"{row['softmax_peak_mb']:.1f} | {row['linear_peak_mb']:.1f} | {row['memory_ratio']:.2f}× |"
     )
 
 
@@ -209,7 +226,8 @@ def markdown(report: dict) -> str:
     lines = [
         f"# Attention benchmark: softmax (SDPA) vs linear ({s['linear_kernel']})",
         "",
-        f"- device: {report['device']} ({report['device_type']}, {s['cpu_threads']} CPU threads)",
+        f"- device: {report['device']} ({report['device_type']}, {s['cpu_threads']} CPU threads, "
+        f"1-min load average {report['load_average_at_start']} at start)",
         f"- torch {report['torch']}, Python {report['python']}, {report['date']}",
         f"- batch 1, {s['heads']} heads × head_dim {s['head_dim']}, {s['dtype']}",
         f"- {report['measured']}; repeats per N: {s['repeats']}",
@@ -225,7 +243,7 @@ def markdown(report: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(args.worker, args.tokens[0], args)))
+        print(json.dumps(worker(args.worker, args.tokens[0], args.measure, args)))
         return
     report = header(args)
     print(TABLE_HEAD, flush=True)

@@ -23,17 +23,19 @@ def _samples(split: str, count: int, size: int) -> Iterator[dict]:
         yield {"__key__": f"{split}-{index:07d}", "png": encode_png(image), "seg.png": encode_png(mask), "cls": str(label)}
 
 
-def ensure_demo_shards(directory: Path, counts: dict[str, int], size: int = 32) -> dict[str, str]:
+def ensure_demo_shards(
+    directory: Path, counts: dict[str, int], size: int = 32, per_shard: int = PER_SHARD
+) -> dict[str, str]:
     """Write the splits into ``directory`` unless its manifest says they are there already; returns each split's
     shard pattern. The manifest is written last, so an interrupted write is redone next time."""
     manifest_path = directory / MANIFEST
-    wanted = {"counts": counts, "size": size, "classes": NUM_CLASSES, "seg_classes": NUM_SEG_CLASSES}
+    wanted = {"counts": counts, "size": size, "per_shard": per_shard, "classes": NUM_CLASSES, "seg_classes": NUM_SEG_CLASSES}
     if not (manifest_path.is_file() and json.loads(manifest_path.read_text()).get("request") == wanted):
         shards = {}
         for split, count in counts.items():
             for old in directory.glob(f"{split}-*.tar"):
                 old.unlink()
-            shards[split] = [p.name for p in write_shards(_samples(split, count, size), directory, prefix=split, per_shard=PER_SHARD)]
+            shards[split] = [p.name for p in write_shards(_samples(split, count, size), directory, prefix=split, per_shard=per_shard)]
         manifest_path.write_text(json.dumps({"request": wanted, "shards": shards}, indent=2) + "\n")
     shards = json.loads(manifest_path.read_text())["shards"]
     return {split: _pattern(directory, names) for split, names in shards.items()}

@@ -23,7 +23,7 @@ class MetricLogger:
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=start_step)
-        self.jsonl = open(run_dir / "log.jsonl", "a", buffering=1)
+        self.jsonl = _log_file(run_dir / "log.jsonl", start_step)
         if progress:
             self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, leave=False)
         self._last = (time.perf_counter(), start_images)
@@ -62,3 +62,14 @@ class MetricLogger:
             self.writer.close()
         if self.jsonl is not None:
             self.jsonl.close()
+
+
+def _log_file(path: Path, start_step: int):
+    """Open the run's log for appending, first dropping lines past ``start_step``: a resumed run repeats the
+    steps after its checkpoint, and each step should appear once."""
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines(keepends=True) if json.loads(line)["step"] <= start_step]
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        tmp.replace(path)
+    return open(path, "a", buffering=1)

@@ -1,0 +1,82 @@
+"""The three stages chained through their exports, and the built-in demo in a reduced size."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from adala.attention import LinearAttention
+from adala.config import compose, override
+from adala.demo import VARIANTS, run_demo
+from adala.models import build_vfm, read_export_metadata
+from adala.run import run_stage
+
+
+def overrides(run_dir: Path, *extra: str) -> list[str]:
+    return [override("run_dir", run_dir), "train.log_every=1", "train.progress=false", *extra]
+
+
+def test_stage1_lowers_every_block_loss(tmp_path: Path, demo_shards: dict[str, str], random_teacher: str) -> None:
+    result = run_stage(compose(overrides(
+        tmp_path, "stage=align_attention", override("model.weights", random_teacher), override("data.train", demo_shards['pretrain']),
+        "train.max_steps=40", "stage.batch_size=16",
+    )))
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    blocks = sorted(k for k in records[0] if k.startswith("loss/block"))
+    assert len(blocks) == 4
+    for block in blocks:
+        first = sum(r[block] for r in records[:3]) / 3
+        last = sum(r[block] for r in records[-3:]) / 3
+        assert last < 0.5 * first, f"{block}: {first:.3g} -> {last:.3g}"
+    # Only Q/K/V train: the exported student keeps the teacher's output projections and MLPs exactly.
+    teacher = build_vfm("demo_tiny", weights=random_teacher)
+    student = build_vfm("demo_tiny", weights=result.export)
+    assert isinstance(student.blocks[0].attn, LinearAttention)
+    for (name, expected), actual in zip(teacher.state_dict().items(), student.state_dict().values()):
+        if ".attn.qkv." in name:
+            assert not torch.equal(expected, actual), name
+        else:
+            assert torch.equal(expected, actual), name
+
+
+def test_stages_chain_through_exports(tmp_path: Path, demo_shards: dict[str, str], random_teacher: str) -> None:
+    common = (override("model.weights", random_teacher), "train.max_steps=3", "stage.batch_size=8")
+    s1 = run_stage(compose(overrides(tmp_path / "s1", "stage=align_attention", *common,
+                                     override("data.train", demo_shards['pretrain']))))
+    s2 = run_stage(compose(overrides(tmp_path / "s2", "stage=align_features", *common,
+                                     override("data.train", demo_shards['pretrain']), override("stage.init", s1.export))))
+    labelled = (override("data.train", demo_shards['finetune']), override("data.val", demo_shards['val']), override("stage.init", s2.export))
+    cls = run_stage(compose(overrides(tmp_path / "cls", "stage=finetune_cls", *common, *labelled)))
+    seg = run_stage(compose(overrides(tmp_path / "seg", "stage=finetune_seg", *common, *labelled)))
+    assert 0.0 <= cls.metrics["top1"] <= 1.0 and 0.0 <= seg.metrics["miou"] <= 1.0
+    for result, stage in ((s1, "align_attention"), (s2, "align_features"), (cls, "finetune_cls"), (seg, "finetune_seg")):
+        meta = read_export_metadata(result.export)
+        assert meta["stage"] == stage and meta["attention"]["kind"] == "linear"
+        assert (result.run_dir / "config.yaml").is_file()
+        assert any((result.run_dir / "tb").iterdir())
+    assert read_export_metadata(cls.export)["num_classes"] == 12
+    classifier = build_vfm("demo_tiny", weights=cls.export, num_classes=12)
+    assert isinstance(classifier.blocks[-1].attn, LinearAttention)
+
+
+@pytest.mark.slow
+def test_reduced_demo_writes_report(tmp_path: Path) -> None:
+    sizes = [
+        "demo.pretrain_samples=512", "demo.finetune_samples=256", "demo.val_samples=128", "demo.teacher_steps=10",
+        "demo.align_attention_steps=5", "demo.align_features_steps=5", "demo.finetune_steps=5",
+        override("demo.cache_dir", tmp_path / "cache"), override("run_dir", tmp_path / 'demo'), "train.progress=false",
+    ]
+    summary = run_demo(compose(sizes), sizes)
+    report = json.loads((tmp_path / "demo" / "report.json").read_text())
+    assert report == summary
+    assert list(report["variants"]) == list(VARIANTS)
+    for row in report["variants"].values():
+        assert 0.0 <= row["top1"] <= 1.0 and 0.0 <= row["miou"] <= 1.0
+    teachers = list((tmp_path / "cache").glob("demo-*/teacher-*.safetensors"))
+    assert len(teachers) == 1
+    # The second run reuses the cached shards and teacher.
+    stamp = teachers[0].stat().st_mtime_ns
+    run_demo(compose(sizes), sizes)
+    assert teachers[0].stat().st_mtime_ns == stamp
