@@ -20,6 +20,8 @@ from typing import Optional, Sequence
 
 from adala.config import Config, compose, override, to_yaml
 from adala.data.demo_data import ensure_demo_shards
+from adala.data.demo_images import NUM_CLASSES, NUM_SEG_CLASSES
+from adala.data.demo_images import VERSION as DATA_VERSION
 from adala.models import save_export
 from adala.models.weights import read_export_metadata, read_state_dict
 from adala.run import StageResult, run_stage
@@ -45,7 +47,7 @@ def run_demo(cfg: Config, overrides: Sequence[str] = ()) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     counts = {"pretrain": demo.pretrain_samples, "finetune": demo.finetune_samples, "val": demo.val_samples}
-    cache = _cache_dir(demo.cache_dir) / f"demo-{_digest(counts)}"
+    cache = _cache_dir(demo.cache_dir) / f"demo-v{DATA_VERSION}-{_digest(counts)}"
     shards = ensure_demo_shards(cache, counts)
     user = [o for o in overrides if not o.startswith(("stage=", "run_dir=", "demo.", "resume="))]
 
@@ -68,17 +70,26 @@ def run_demo(cfg: Config, overrides: Sequence[str] = ()) -> dict:
         "s2_s3": [override("stage.init", s2_only.export)],
         "s1_s3": [override("stage.init", s1.export)],
         "s3_only": [override("model.weights", teacher)],
-        "scratch_linear": ["stage.optim.backbone_lr_scale=1.0"],  # no pretrained backbone to protect
+        "scratch_linear": [],  # random initialisation, linear attention, the same Stage-3 recipe
     }
-    finetune = [override("data.train", shards['finetune']), override("data.val", shards['val']), f"train.max_steps={demo.finetune_steps}",
-                f"stage.batch_size={demo.finetune_batch_size}", f"stage.optim.lr={demo.finetune_lr}"]
+    finetune = [
+        override("data.train", shards["finetune"]), override("data.val", shards["val"]),
+        f"data.num_classes={NUM_CLASSES}", f"data.num_seg_classes={NUM_SEG_CLASSES}",
+        f"train.max_steps={demo.finetune_steps}", f"stage.batch_size={demo.finetune_batch_size}",
+        f"stage.optim.lr={demo.finetune_lr}",
+    ]
     report = {}
     for variant in VARIANTS:
         results = [stage(task, f"s3_{variant}_{task.split('_')[1]}", *finetune, *starts[variant])
                    for task in ("finetune_cls", "finetune_seg")]
         report[variant] = {"description": DESCRIPTIONS[variant], **results[0].metrics, **results[1].metrics}
     report_path = run_dir / "report.json"
-    summary = {"variants": report, "seconds": round(time.perf_counter() - started, 1), "demo": dataclasses.asdict(demo)}
+    summary = {
+        "variants": report,
+        "teacher_pretraining_top1": read_export_metadata(teacher).get("pretrain_top1"),
+        "seconds": round(time.perf_counter() - started, 1),
+        "demo": dataclasses.asdict(demo),
+    }
     tmp = report_path.with_name(".report.json.tmp")
     tmp.write_text(json.dumps(summary, indent=2) + "\n")
     os.replace(tmp, report_path)
@@ -96,22 +107,23 @@ def format_table(report: dict) -> str:
 
 def _teacher(cache: Path, shards: dict[str, str], demo, user: list[str]) -> Path:
     """Train the softmax teacher once (classification on the pretraining split) and keep its backbone."""
-    key = [demo.teacher_steps, demo.teacher_batch_size, demo.teacher_lr, *user]
-    path = cache / f"teacher-{_digest(key)}.safetensors"
+    key = _digest([demo.teacher_steps, demo.teacher_batch_size, demo.teacher_lr, *user])
+    path = cache / f"teacher-{key}.safetensors"
     if path.is_file():
         log.info("using the cached demo teacher %s", path)
         return path
     result = run_stage(compose([
-        "stage=finetune_cls", "attention=softmax", override("run_dir", cache / 'teacher-run'), *user,
-        override("data.train", shards['pretrain']), override("data.val", shards['val']), f"train.max_steps={demo.teacher_steps}",
+        "stage=finetune_cls", "attention=softmax", override("run_dir", cache / f"teacher-{key}-run"), *user,
+        override("data.train", shards["pretrain"]), override("data.val", shards["val"]), f"data.num_classes={NUM_CLASSES}",
+        f"train.max_steps={demo.teacher_steps}",
         f"stage.batch_size={demo.teacher_batch_size}", f"stage.optim.lr={demo.teacher_lr}",
         "stage.optim.backbone_lr_scale=1.0", "stage.optim.warmup_steps=50",
     ]))
-    log.info("demo teacher top-1 on held-out data: %.3f", result.metrics.get("top1", float("nan")))
     # Keep the backbone only: every variant's Stage 3 starts from a fresh head.
     metadata = read_export_metadata(result.export)
     state = {k: v for k, v in read_state_dict(result.export).items() if not k.startswith("head.")}
-    save_export(state, path, {**metadata, "num_classes": 0, "stage": "demo_teacher"})
+    save_export(state, path, {**metadata, "num_classes": 0, "stage": "demo_teacher",
+                              "pretrain_top1": result.metrics["top1"]})
     return path
 
 

@@ -19,7 +19,7 @@ allocations hide or inflate another's peak. Peak memory is what one forward+back
 Timing: one warm-up at the measured shape, then repeats that shrink with the token count (softmax costs O(N²)):
 ``max(1, repeats * 1024 // max(N, 1024))``; the median is reported. On a shared CPU the times depend on other load:
 linear attention is some 30 small multithreaded ops, each waiting for all its threads, so one busy core slows it
-far more than SDPA's single fused kernel. The 1-minute load average at start is recorded for that reason.
+far more than SDPA's single fused kernel. The 1-minute load average at start and end is recorded for that reason.
 """
 from __future__ import annotations
 
@@ -183,7 +183,6 @@ def header(args: argparse.Namespace) -> dict:
             "repeats": {str(n): repeats_for(n, args.repeats) for n in args.tokens},
             "cpu_threads": torch.get_num_threads(),
         },
-        "load_average_at_start": round(os.getloadavg()[0], 2),
         "measured": "forward + backward w.r.t. q, k, v; time is the median over repeats (min in the JSON)",
         "timing": TIMING_METHOD[args.device],
         "peak_memory": MEMORY_METHOD[args.device] + "; excludes the inputs q, k, v and the output cotangent",
@@ -226,8 +225,8 @@ def markdown(report: dict) -> str:
     lines = [
         f"# Attention benchmark: softmax (SDPA) vs linear ({s['linear_kernel']})",
         "",
-        f"- device: {report['device']} ({report['device_type']}, {s['cpu_threads']} CPU threads, "
-        f"1-min load average {report['load_average_at_start']} at start)",
+        f"- device: {report['device']} ({report['device_type']}, {s['cpu_threads']} CPU threads; 1-minute load "
+        f"average {report['load_average']['start']} at start, {report['load_average']['end']} at end)",
         f"- torch {report['torch']}, Python {report['python']}, {report['date']}",
         f"- batch 1, {s['heads']} heads × head_dim {s['head_dim']}, {s['dtype']}",
         f"- {report['measured']}; repeats per N: {s['repeats']}",
@@ -246,8 +245,10 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(worker(args.worker, args.tokens[0], args.measure, args)))
         return
     report = header(args)
+    load_at_start = round(os.getloadavg()[0], 2)
     print(TABLE_HEAD, flush=True)
     report["results"] = [compare(n, args) for n in args.tokens]
+    report["load_average"] = {"start": load_at_start, "end": round(os.getloadavg()[0], 2)}
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"attention-{args.device}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")

@@ -80,3 +80,27 @@ def test_reduced_demo_writes_report(tmp_path: Path) -> None:
     stamp = teachers[0].stat().st_mtime_ns
     run_demo(compose(sizes), sizes)
     assert teachers[0].stat().st_mtime_ns == stamp
+
+
+def test_demo_data_config_matches_the_generator() -> None:
+    from adala.data.demo_images import NUM_CLASSES, NUM_SEG_CLASSES
+
+    cfg = compose(["data=demo"])
+    assert (cfg.data.num_classes, cfg.data.num_seg_classes) == (NUM_CLASSES, NUM_SEG_CLASSES)
+
+
+def test_demo_labels_need_global_context() -> None:
+    """The class and the mask of the same two shapes change when the shapes swap sides."""
+    import numpy as np
+
+    from adala.data.demo_images import NUM_SEG_CLASSES, SHAPES, class_of, render
+
+    rng = np.random.default_rng(0)
+    labels, mask_values = set(), set()
+    for _ in range(400):
+        _, mask, label = render(rng)
+        labels.add(label)
+        mask_values.update(np.unique(mask).tolist())
+    assert labels == set(range(len(SHAPES) * (len(SHAPES) - 1)))
+    assert mask_values == set(range(NUM_SEG_CLASSES))
+    assert class_of(0, 1) != class_of(1, 0)

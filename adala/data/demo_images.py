@@ -4,7 +4,8 @@ The class is the ordered pair (type of the left shape, type of the right shape):
 them apart needs both objects and their relative position, i.e. context across the whole image, which is
 what attention provides. Each shape type has its own hue (with jitter) on a grey, textured background, so
 recognising an object is easy and the relation between the two is what must be learnt. The segmentation
-mask labels every pixel with its shape type (0 = background).
+mask needs the same context: it labels the left object's pixels with its type (1-4) and the right object's
+with its type + 4 (5-8); 0 is background.
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import numpy as np
 SHAPES = ("circle", "square", "triangle", "cross")
 HUES = np.array([[230, 40, 40], [40, 200, 40], [40, 80, 240], [230, 200, 30]], dtype=np.float32)
 NUM_CLASSES = len(SHAPES) * (len(SHAPES) - 1)
-NUM_SEG_CLASSES = len(SHAPES) + 1
+NUM_SEG_CLASSES = 2 * len(SHAPES) + 1
+VERSION = 2  # bump when the images or labels change, so cached shards and teachers are rebuilt
 
 
 def class_of(left: int, right: int) -> int:
@@ -52,6 +54,6 @@ def render(rng: np.random.Generator, size: int = 32) -> tuple[np.ndarray, np.nda
         inside = _shape_mask(kinds[i], yy, xx, cy[i], cx[i], r[i])
         colour = HUES[kinds[i]] * rng.uniform(0.7, 1.1) + rng.uniform(-20, 20, 3)
         image[inside] = colour + rng.normal(0, 8, (int(inside.sum()), 3))
-        mask[inside] = kinds[i] + 1
+        mask[inside] = kinds[i] + 1 + i * len(SHAPES)
     label = class_of(int(kinds[0]), int(kinds[1]))
     return np.clip(image, 0, 255).astype(np.uint8), mask, label
