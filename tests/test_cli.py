@@ -61,3 +61,12 @@ def test_help_and_cfg() -> None:
     out = subprocess.run([sys.executable, "-m", "adala", "--cfg", "stage=align_features", "model=clip_l"],
                          cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert "name: clip_l" in out and "name: align_features" in out and "lr: 0.001" in out
+
+
+def test_attention_and_models_import_with_torch_and_timm_only() -> None:
+    code = (
+        "import sys, adala.attention, adala.models\n"
+        "heavy = {'hydra', 'omegaconf', 'webdataset', 'tensorboard', 'deepspeed', 'ray', 'submitit'} & set(sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)

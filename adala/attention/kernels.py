@@ -31,18 +31,19 @@ def softplus_features(x: torch.Tensor, is_key: bool = False) -> torch.Tensor:
     return F.softplus(x)
 
 
-def exp_features(x: torch.Tensor, is_key: bool = False) -> torch.Tensor:
-    """exp(x) with a shift that cancels in the attention ratio.
+def exp_shift(x: torch.Tensor, is_key: bool = False) -> torch.Tensor:
+    """The stabilising shift of :func:`exp_features`: per query token, or one per (batch, head) for keys."""
+    return x.detach().amax(dim=(-2, -1) if is_key else -1, keepdim=True)
 
-    A query's features are divided by exp(max over its own features): one scalar per query, which cancels between
-    numerator and denominator. Keys are shifted by one max per (batch, head), which scales the state and the
-    normaliser alike. Without the shift exp overflows for |x| ≳ 88 in fp32 and ≳ 11 in fp16.
+
+def exp_features(x: torch.Tensor, is_key: bool = False) -> torch.Tensor:
+    """exp(x - shift), with the shift of :func:`exp_shift`.
+
+    A query's shift is one scalar per query and a key's one per (batch, head); both scale the numerator and the
+    normaliser of the attention ratio alike, so they cancel there (``linear_attention`` rescales eps to match).
+    Without the shift exp overflows for |x| ≳ 88 in fp32 and ≳ 11 in fp16.
     """
-    if is_key:
-        shift = x.detach().amax(dim=(-2, -1), keepdim=True)
-    else:
-        shift = x.detach().amax(dim=-1, keepdim=True)
-    return torch.exp(x - shift)
+    return torch.exp(x - exp_shift(x, is_key))
 
 
 KERNELS: dict[str, FeatureMap] = {
@@ -51,6 +52,10 @@ KERNELS: dict[str, FeatureMap] = {
     "softplus": softplus_features,
     "exp": exp_features,
 }
+
+
+# Kernels whose features are computed shifted: the shift's function, so eps can be put on the same scale.
+SHIFTS: dict[str, Callable[[torch.Tensor, bool], torch.Tensor]] = {"exp": exp_shift}
 
 
 def get_kernel(name: str) -> FeatureMap:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from adala.attention.kernels import get_kernel
+from adala.attention.kernels import SHIFTS, get_kernel
 
 DEFAULT_EPS = 1e-6
 
@@ -34,8 +34,12 @@ def linear_attention(
     phi = get_kernel(kernel)
     out_dtype = v.dtype
     with torch.autocast(device_type=q.device.type, enabled=False):
-        fq = phi(q.float(), False)
-        fk = phi(k.float(), True)
+        q, k = q.float(), k.float()
+        fq = phi(q, False)
+        fk = phi(k, True)
+        if kernel in SHIFTS:  # features are exp(x - shift): put eps on that scale too, so the shift cancels exactly
+            log_scale = SHIFTS[kernel](q, False) + SHIFTS[kernel](k, True)
+            eps = eps * torch.exp(torch.clamp(-log_scale, max=80.0))
         n = k.shape[-2]
         state = torch.matmul(fk.transpose(-2, -1), v.float()) / n  # (b, h, d, d_v)
         normaliser = fk.mean(dim=-2)  # (b, h, d)
