@@ -4,8 +4,7 @@ Tolerances, and why:
 
 * fp32 inputs vs float64 reference: rtol 1e-4, atol 1e-5. The implementation computes in fp32 (unit roundoff
   6e-8); the reductions over N ≤ 197 tokens and d ≤ 64 features give observed errors ≤ 1e-6 at O(1) outputs.
-  The exp kernel is a little further off (≤ 1e-5) because its shift rescales eps (see
-  ``test_exp_kernel_eps_is_not_rescaled``).
+  The exp kernel's stabilising shift must rescale eps with it (``test_exp_kernel_shift_cancels_with_eps``).
 * bf16 inputs vs the reference computed from the *bf16-rounded* inputs: rtol 2**-8, atol 1e-5. Everything inside
   runs in fp32, so the only bf16 error is the final rounding of the output, at most half a bf16 ulp = 2**-8
   relative; atol covers fp32 error on outputs that cancel to ≈ 0. A bf16 state or normaliser would miss this bound.
@@ -27,8 +26,9 @@ from adala.attention.kernels import elu1_features
 FP32_TOL = dict(rtol=1e-4, atol=1e-5)
 BF16_TOL = dict(rtol=2**-8, atol=1e-5)
 
-# The plain maths of each kernel. The exp kernel's stabilising shift cancels in the ratio (up to eps, see
-# test_exp_kernel_eps_is_not_rescaled), so plain exp is the reference. F.elu(x) + 1 in float64 is accurate to 2**-53 / exp(x) relative, fine for x > -30.
+# The plain maths of each kernel. The exp kernel's stabilising shift cancels in the ratio (eps included, see
+# test_exp_kernel_shift_cancels_with_eps), so plain exp is the reference. F.elu(x) + 1 in float64 is accurate
+# to 2**-53 / exp(x) relative, fine for x > -30.
 REFERENCE_FEATURES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "elu1": lambda x: F.elu(x) + 1,
     "relu": F.relu,
@@ -93,8 +93,9 @@ def test_eps_enters_the_denominator(eps: float) -> None:
     )
 
 
-def test_exp_kernel_eps_is_not_rescaled() -> None:
-    """With q, k of std 5 the shift is ≈ exp(30), so eps acts as ≈ 1e7 on the true scale and damps the output."""
+def test_exp_kernel_shift_cancels_with_eps() -> None:
+    """With q, k of std 5 the shift is ≈ exp(30): unless eps is shifted too it acts as ≈ 1e7 on the true scale
+    and damps the output."""
     q, k, v = random_qkv((1, 4, 65, 64, 64))
     q, k = 5 * q, 5 * k
     torch.testing.assert_close(
@@ -259,3 +260,9 @@ def test_module_rejects_masks_and_causality() -> None:
 def test_from_softmax_rejects_gated_attention() -> None:
     with pytest.raises(ValueError, match="gated"):
         LinearAttention.from_softmax(timm.layers.Attention(64, num_heads=4, gated=True))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_from_softmax_keeps_the_training_mode(training: bool) -> None:
+    attn = timm.layers.Attention(32, num_heads=4, proj_drop=0.5).train(training)
+    assert LinearAttention.from_softmax(attn).training is training

@@ -39,7 +39,7 @@ def linear_attention(
         fk = phi(k, True)
         if kernel in SHIFTS:  # features are exp(x - shift): put eps on that scale too, so the shift cancels exactly
             log_scale = SHIFTS[kernel](q, False) + SHIFTS[kernel](k, True)
-            eps = eps * torch.exp(torch.clamp(-log_scale, max=80.0))
+            eps = eps * torch.exp(torch.clamp(-log_scale, min=-80.0, max=80.0))
         n = k.shape[-2]
         state = torch.matmul(fk.transpose(-2, -1), v.float()) / n  # (b, h, d, d_v)
         normaliser = fk.mean(dim=-2)  # (b, h, d)

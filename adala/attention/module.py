@@ -65,7 +65,7 @@ class LinearAttention(nn.Module):
             setattr(module, name, copy.deepcopy(getattr(attn, name)))
         weights = {k: v.detach().clone() for k, v in attn.state_dict().items()}
         module.load_state_dict(weights, strict=True, assign=True)
-        return module
+        return module.train(attn.training)
 
     def forward(
         self,
