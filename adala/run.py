@@ -32,6 +32,8 @@ class StageResult:
 def validate(cfg: Config) -> Config:
     """Check everything a user can get wrong before any model is built; fills in derived defaults."""
     from adala.data.shards import expand_urls
+    from adala.data.transforms import TRANSFORMS
+    from adala.engine.optim import SCHEDULES
     from adala.stages import get_stage
 
     stage = _require_stage(cfg)
@@ -52,6 +54,11 @@ def validate(cfg: Config) -> Config:
         raise UserError(f"stage {stage.name} aligns to a pretrained teacher; set model.weights=PATH to its weights")
     if stage.name in NEEDS_LABELS and getattr(cfg.data, NEEDS_LABELS[stage.name]) <= 0:
         raise UserError(f"stage {stage.name} needs data.{NEEDS_LABELS[stage.name]}; pick a labelled data= config")
+    if stage.optim.schedule not in SCHEDULES:
+        raise UserError(f"unknown lr schedule {stage.optim.schedule!r}; use stage.optim.schedule={' or '.join(SCHEDULES)}")
+    for key, name in (("transform", cfg.data.train_transform or stage.transform), ("eval_transform", cfg.data.eval_transform)):
+        if name not in TRANSFORMS:
+            raise UserError(f"unknown {key} {name!r}; use one of {', '.join(TRANSFORMS)}")
     if cfg.data.train is None:
         raise UserError("data.train is not set; point it at tar shards, e.g. data.train='/data/train-{000000..000099}.tar'")
     expand_urls(cfg.data.train)

@@ -26,6 +26,8 @@ REPO = Path(__file__).resolve().parent.parent
         (["stage=finetune_cls", "data.train=/nonexistent/x.tar"], "shard /nonexistent/x.tar not found"),
         (["stage=align_features", "data.train=/x.tar"], "set model.weights=PATH"),
         (["stage.batch_size=4"], "select it first"),
+        (["stage=finetune_cls", "stage.optim.schedule=cosine"], "unknown lr schedule 'cosine'"),
+        (["stage=finetune_cls", "data.eval_transform=nope"], "unknown eval_transform 'nope'"),
     ],
 )
 def test_bad_input_gives_one_line(args: list[str], expected: str, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
