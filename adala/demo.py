@@ -106,19 +106,25 @@ def format_table(report: dict) -> str:
 
 
 def _teacher(cache: Path, shards: dict[str, str], demo, user: list[str]) -> Path:
-    """Train the softmax teacher once (classification on the pretraining split) and keep its backbone."""
-    key = _digest([demo.teacher_steps, demo.teacher_batch_size, demo.teacher_lr, *user])
+    """Train the softmax teacher once (classification on the pretraining split) and keep its backbone.
+
+    The cache key is what determines the teacher's weights (model, stage, data, seed, steps, precision), so
+    overrides such as ``train.progress`` reuse it."""
+    cfg = compose([
+        "stage=finetune_cls", "attention=softmax", *user,
+        override("data.train", shards["pretrain"]), override("data.val", shards["val"]), f"data.num_classes={NUM_CLASSES}",
+        f"train.max_steps={demo.teacher_steps}", f"stage.batch_size={demo.teacher_batch_size}",
+        f"stage.optim.lr={demo.teacher_lr}", "stage.optim.backbone_lr_scale=1.0", "stage.optim.warmup_steps=50",
+    ])
+    train = cfg.train
+    key = _digest([dataclasses.asdict(part) for part in (cfg.model, cfg.attention, cfg.stage, cfg.data)]
+                  + [train.seed, train.max_steps, train.precision])
     path = cache / f"teacher-{key}.safetensors"
     if path.is_file():
         log.info("using the cached demo teacher %s", path)
         return path
-    result = run_stage(compose([
-        "stage=finetune_cls", "attention=softmax", override("run_dir", cache / f"teacher-{key}-run"), *user,
-        override("data.train", shards["pretrain"]), override("data.val", shards["val"]), f"data.num_classes={NUM_CLASSES}",
-        f"train.max_steps={demo.teacher_steps}",
-        f"stage.batch_size={demo.teacher_batch_size}", f"stage.optim.lr={demo.teacher_lr}",
-        "stage.optim.backbone_lr_scale=1.0", "stage.optim.warmup_steps=50",
-    ]))
+    cfg.run_dir = str(cache / f"teacher-{key}-run")
+    result = run_stage(cfg)
     # Keep the backbone only: every variant's Stage 3 starts from a fresh head.
     metadata = read_export_metadata(result.export)
     state = {k: v for k, v in read_state_dict(result.export).items() if not k.startswith("head.")}

@@ -37,8 +37,6 @@ def build_vfm(
     requested = _normalise(attention)
     stored = SOFTMAX
     if weights is not None:
-        if not os.path.isfile(weights):
-            raise UserError(f"weights file {weights} not found; set model.weights to an existing checkpoint")
         meta = read_export_metadata(weights)
         if meta is not None:
             if meta.get("model") not in (None, name):

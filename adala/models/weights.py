@@ -26,9 +26,16 @@ TASK_HEAD_PREFIXES = ("head.", "seg_head.")
 EXPORT_FORMAT = 1
 
 
+def require_file(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"weights file {path} not found; set model.weights to an existing checkpoint")
+    return path
+
+
 def read_export_metadata(path: str | os.PathLike) -> Optional[dict[str, Any]]:
     """The adala metadata of an export, or None for any other file."""
-    if not str(path).endswith(".safetensors"):
+    if not require_file(path).suffix == ".safetensors":
         return None
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -56,9 +63,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def load_weights(model: nn.Module, path: str | os.PathLike, *, model_name: str = "model") -> None:
     """Load ``path`` into ``model`` strictly, except for task heads the model does not have or has resized."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"weights file {path} not found; set model.weights to an existing checkpoint")
+    path = require_file(path)
     if path.suffix == ".npz":
         try:
             model.load_pretrained(str(path))
