@@ -1,4 +1,4 @@
-"""The one training loop: resume → for each step: train step → log → maybe save → export.
+"""The one training loop: resume → for each step: train step → log → maybe save.
 
 It knows no stage and no strategy by name: a stage hands it :class:`StageParts`, a strategy places and steps
 the models, and every stateful piece goes to one :class:`CheckpointManager`.

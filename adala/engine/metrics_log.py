@@ -48,13 +48,6 @@ class MetricLogger:
             self.writer.add_scalar(key, value, step)
         self.jsonl.write(json.dumps({"step": step, **record}) + "\n")
 
-    def summary(self, step: int, scalars: Mapping[str, float]) -> None:
-        if not self.enabled:
-            return
-        for key, value in scalars.items():
-            self.writer.add_scalar(key, value, step)
-        self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
-
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()

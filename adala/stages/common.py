@@ -1,4 +1,4 @@
-"""Pieces shared by the stages: building models from the config and writing exports."""
+"""Pieces shared by the stages: the frozen teacher, start weights, export metadata and parameter groups."""
 from __future__ import annotations
 
 from typing import Any, Optional
