@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Mapping
 
 from tqdm import tqdm
 
