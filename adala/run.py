@@ -31,13 +31,13 @@ class StageResult:
 
 def validate(cfg: Config) -> Config:
     """Check everything a user can get wrong before any model is built; fills in derived defaults."""
-    from adala.data.shards import expand_urls
+    from adala.data.pipeline import check_data
     from adala.data.transforms import TRANSFORMS
     from adala.engine.optim import SCHEDULES
     from adala.stages import get_stage
 
     stage = _require_stage(cfg)
-    get_stage(stage.name)
+    module = get_stage(stage.name)
     spec = get_vfm(cfg.model.name)
     cfg.model.img_size = cfg.model.img_size or spec.img_size
     check_img_size(spec, cfg.model.img_size)
@@ -59,11 +59,7 @@ def validate(cfg: Config) -> Config:
     for key, name in (("transform", cfg.data.train_transform or stage.transform), ("eval_transform", cfg.data.eval_transform)):
         if name not in TRANSFORMS:
             raise UserError(f"unknown {key} {name!r}; use one of {', '.join(TRANSFORMS)}")
-    if cfg.data.train is None:
-        raise UserError("data.train is not set; point it at tar shards, e.g. data.train='/data/train-{000000..000099}.tar'")
-    expand_urls(cfg.data.train)
-    if cfg.data.val is not None:
-        expand_urls(cfg.data.val)
+    check_data(cfg.data, mode=module.STREAM, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     if cfg.train.max_steps is None:
         if stage.epochs is None or cfg.data.train_samples is None:
             raise UserError("set train.max_steps, or stage.epochs together with data.train_samples")
@@ -78,8 +74,7 @@ def validate(cfg: Config) -> Config:
 
 def run_stage(cfg: Config) -> StageResult:
     """Train ``cfg.stage`` (validated first), export its product atomically and evaluate it if it has a val set."""
-    from adala.data.shards import expand_urls
-    from adala.data.stream import ShardStream
+    from adala.data.pipeline import eval_stream, train_stream
     from adala.data.transforms import build_transform
     from adala.engine.loop import LoopConfig, fit
     from adala.engine.state import seed_everything
@@ -97,14 +92,8 @@ def run_stage(cfg: Config) -> StageResult:
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     spec = get_vfm(cfg.model.name)
     transform = build_transform(cfg.data.train_transform or stage.transform, img_size=cfg.model.img_size, mean=spec.mean, std=spec.std)
-    stream = ShardStream(
-        expand_urls(cfg.data.train),
-        fields=module.FIELDS,
-        transform=transform,
-        batch_size=stage.batch_size,
-        seed=cfg.train.seed,
-        shuffle_buffer=cfg.data.shuffle_buffer,
-    )
+    stream = train_stream(cfg.data, fields=module.FIELDS, mode=module.STREAM, transform=transform,
+                          batch_size=stage.batch_size, seed=cfg.train.seed, rank=strategy.rank, world_size=strategy.world_size)
     optim = stage.optim
     loop = LoopConfig(
         max_steps=cfg.train.max_steps,
@@ -124,8 +113,8 @@ def run_stage(cfg: Config) -> StageResult:
     metrics: dict[str, float] = {}
     if parts.evaluate is not None and cfg.data.val is not None:
         eval_transform = build_transform(cfg.data.eval_transform, img_size=cfg.model.img_size, mean=spec.mean, std=spec.std)
-        val = ShardStream(expand_urls(cfg.data.val), fields=module.FIELDS, transform=eval_transform,
-                          batch_size=stage.batch_size, shuffle_buffer=0, repeat=False, drop_last=False)
+        val = eval_stream(cfg.data, fields=module.FIELDS, transform=eval_transform, batch_size=stage.batch_size,
+                          rank=strategy.rank, world_size=strategy.world_size)
         metrics = parts.evaluate(strategy.to_device(batch) for batch in val)
         (run_dir / "metrics.json").write_text(json.dumps({"step": state.step, **metrics}, indent=2) + "\n")
     log.info("%s done after %d steps; export %s%s", stage.name, state.step, export,

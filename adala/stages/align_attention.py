@@ -21,6 +21,7 @@ from adala.models import save_export
 from adala.stages.common import export_metadata, frozen_teacher
 
 FIELDS = ("image",)
+STREAM = "resampled"  # how it reads its training data: see adala.data.pipeline
 
 
 class AlignedAttention(nn.Module):

@@ -16,6 +16,7 @@ from adala.models import build_vfm, get_vfm, save_export
 from adala.stages.common import export_metadata, frozen_teacher, requested_attention, start_weights
 
 FIELDS = ("image",)
+STREAM = "resampled"  # how it reads its training data: see adala.data.pipeline
 
 
 def build(cfg: Any) -> StageParts:

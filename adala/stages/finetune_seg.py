@@ -15,6 +15,7 @@ from adala.models import build_vfm, save_export
 from adala.stages.common import backbone_and_head_groups, export_metadata, requested_attention, start_weights
 
 FIELDS = ("image", "mask")
+STREAM = "epoch"  # how it reads its training data: see adala.data.pipeline
 IGNORE_INDEX = 255
 
 
