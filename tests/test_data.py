@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from adala.data.shards import encode_png, expand_urls, write_shards
 from adala.data.stream import ShardStream
@@ -59,3 +60,21 @@ def test_expand_urls_errors(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="not found"):
         expand_urls(str(tmp_path / "x-{0..2}.tar"))
     assert expand_urls("http://127.0.0.1:8000/x-{0..1}.tar") == ["http://127.0.0.1:8000/x-0.tar", "http://127.0.0.1:8000/x-1.tar"]
+
+
+def test_stream_resumes_with_the_same_batches(demo_shards: dict[str, str]) -> None:
+    transform = build_transform("plain", img_size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
+
+    def stream() -> ShardStream:
+        return ShardStream(expand_urls(demo_shards["pretrain"]), fields=("image", "label"), transform=transform,
+                           batch_size=32, seed=3, shuffle_buffer=100)
+
+    # 384 samples / 32 = 12 batches an epoch: 20 batches cross an epoch boundary.
+    reference = [b["label"] for _, b in zip(range(20), stream())]
+    first = stream()
+    head = [b["label"] for _, b in zip(range(7), first)]
+    resumed = stream()
+    resumed.load_state_dict(first.state_dict())
+    tail = [b["label"] for _, b in zip(range(13), resumed)]
+    assert all(torch.equal(a, b) for a, b in zip(head + tail, reference))
+    assert not torch.equal(reference[0], reference[12]), "epochs should be shuffled differently"
