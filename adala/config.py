@@ -55,13 +55,18 @@ class StageConfig:
 
 @dataclass
 class DataConfig:
+    """Shards and how they are read (``adala.data.pipeline``); ``conf/data/*.yaml`` fill it per data set."""
+
     name: str = "demo"
-    train: Optional[str] = None  # shard URLs, brace patterns allowed
+    train: Optional[str] = None  # shard URLs: paths, http(s):// or pipe: commands; brace patterns, `::` joins lists
     val: Optional[str] = None
-    train_samples: Optional[int] = None  # samples in one pass over data.train
+    train_samples: Optional[int] = None  # samples in one pass over data.train (the shards' manifest, if any, wins)
     num_classes: int = 0
     num_seg_classes: int = 0
-    shuffle_buffer: int = 1000
+    shuffle_buffer: int = 1000  # samples shuffled in memory per reader; 0: read in shard order
+    workers: int = 0  # DataLoader worker processes per rank; 0: read in the training process
+    http_timeout: float = 60.0  # seconds an http(s) shard may take to connect or to send the next bytes
+    http_retries: int = 2  # further attempts to open an http(s) shard before it is skipped
     train_transform: Optional[str] = None  # None: the stage's own (stage.transform)
     eval_transform: str = "eval"
 
