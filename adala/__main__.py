@@ -9,14 +9,17 @@ import logging
 import sys
 from typing import Optional, Sequence
 
+from adala.engine.preemption import REQUEUE_EXIT_CODE, Preempted
 from adala.errors import UserError
 
 USAGE = """usage: python -m adala [--cfg] [group=option ...] [key=value ...]
 
-groups:  model=<name> attention=elu1|relu|softplus|exp|softmax data=<name> strategy=single
+groups:  model=<name> attention=elu1|relu|softplus|exp|softmax data=<name> strategy=single|ddp|fsdp|deepspeed
          stage=align_attention|align_features|finetune_cls|finetune_seg   (none: the built-in demo)
 keys:    model.weights=PATH stage.init=PATH run_dir=DIR resume=none|auto|PATH train.max_steps=N ...
          (see conf/config.yaml and conf/<group>/*.yaml)
+several processes: torchrun --nproc-per-node=N -m adala strategy=fsdp ...
+exit codes: 0 done, 2 bad input, 75 preempted after saving a checkpoint (run again with resume=auto)
 """
 
 
@@ -46,6 +49,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UserError as err:
         print(f"adala: error: {err}", file=sys.stderr)
         return 2
+    except Preempted as stop:
+        print(f"adala: {stop}", file=sys.stderr)
+        return REQUEUE_EXIT_CODE
     return 0
 
 

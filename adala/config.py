@@ -81,11 +81,20 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast)
     progress: bool = True
+    max_nonfinite_steps: int = 5  # a non-finite loss skips its step; this many in a row stop the run
 
 
 @dataclass
 class StrategyConfig:
-    name: str = "single"
+    """How the trained model is distributed (``adala.engine.strategies``); launch several processes with torchrun."""
+
+    name: str = "single"  # single | ddp | fsdp | deepspeed
+    teacher: str = "auto"  # the frozen teacher: replicate | shard (FSDP, freed after each block) | auto (by free memory)
+    activation_checkpointing: bool = False  # recompute each block's activations in backward
+    compile: bool = False  # torch.compile each block
+    cpu_offload: bool = False  # fsdp: parameters, gradients and optimizer state in host memory; deepspeed: optimizer
+    zero_stage: int = 2  # deepspeed: 2 (gradients and optimizer state sharded) | 3 (parameters too)
+    deepspeed_config: Optional[str] = None  # deepspeed: a JSON file merged over the generated config
 
 
 @dataclass

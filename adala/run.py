@@ -7,7 +7,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 from adala.attention import get_kernel
 from adala.config import Config, StageConfig, to_yaml
@@ -33,7 +33,9 @@ def validate(cfg: Config) -> Config:
     """Check everything a user can get wrong before any model is built; fills in derived defaults."""
     from adala.data.pipeline import check_data
     from adala.data.transforms import TRANSFORMS
+    from adala.engine.distributed import launched_world_size
     from adala.engine.optim import SCHEDULES
+    from adala.engine.strategies import check_strategy
     from adala.stages import get_stage
 
     stage = _require_stage(cfg)
@@ -59,11 +61,14 @@ def validate(cfg: Config) -> Config:
     for key, name in (("transform", cfg.data.train_transform or stage.transform), ("eval_transform", cfg.data.eval_transform)):
         if name not in TRANSFORMS:
             raise UserError(f"unknown {key} {name!r}; use one of {', '.join(TRANSFORMS)}")
-    check_data(cfg.data, mode=module.STREAM, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    world_size = launched_world_size()
+    check_strategy(cfg.strategy, precision=cfg.train.precision)
+    check_data(cfg.data, mode=module.STREAM, world_size=world_size)
     if cfg.train.max_steps is None:
         if stage.epochs is None or cfg.data.train_samples is None:
             raise UserError("set train.max_steps, or stage.epochs together with data.train_samples")
-        cfg.train.max_steps = max(1, math.ceil(stage.epochs * cfg.data.train_samples / stage.batch_size))
+        global_batch = stage.batch_size * world_size  # stage.batch_size is per rank (per GPU)
+        cfg.train.max_steps = max(1, math.ceil(stage.epochs * cfg.data.train_samples / global_batch))
     if cfg.train.max_steps <= 0 or stage.batch_size <= 0:
         raise UserError("train.max_steps and stage.batch_size must be positive")
     if cfg.resume not in ("none", "auto") and not os.path.isdir(cfg.resume):
@@ -72,30 +77,66 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
-def run_stage(cfg: Config) -> StageResult:
-    """Train ``cfg.stage`` (validated first), export its product atomically and evaluate it if it has a val set."""
+def run_stage(cfg: Config, stream: Optional[Iterable[dict[str, Any]]] = None) -> StageResult:
+    """Train ``cfg.stage`` (validated first), export its product atomically and evaluate it if it has a val set.
+
+    Runs as one of several processes when launched by torchrun. ``stream`` replaces the configured training
+    data with any iterable of batches (it is checkpointed too if it has ``state_dict``/``load_state_dict``).
+    """
     from adala.data.pipeline import eval_stream, train_stream
     from adala.data.transforms import build_transform
-    from adala.engine.loop import LoopConfig, fit
+    from adala.engine import distributed
+    from adala.engine.evaluate import evaluate
+    from adala.engine.loop import fit
     from adala.engine.state import seed_everything
-    from adala.engine.strategy import build_strategy
+    from adala.engine.strategies import build_strategy
     from adala.stages import get_stage
 
     cfg = validate(cfg)
     stage = _require_stage(cfg)
-    strategy = build_strategy(cfg.strategy.name, device=cfg.train.device, precision=cfg.train.precision)
-    seed_everything(cfg.train.seed)
-    module = get_stage(stage.name)
-    parts = module.build(cfg)  # loads the weights: a file that does not fit fails here, before anything is written
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    spec = get_vfm(cfg.model.name)
-    transform = build_transform(cfg.data.train_transform or stage.transform, img_size=cfg.model.img_size, mean=spec.mean, std=spec.std)
-    stream = train_stream(cfg.data, fields=module.FIELDS, mode=module.STREAM, transform=transform,
-                          batch_size=stage.batch_size, seed=cfg.train.seed, rank=strategy.rank, world_size=strategy.world_size)
-    optim = stage.optim
-    loop = LoopConfig(
+    strategy = build_strategy(cfg.strategy, device=cfg.train.device, precision=cfg.train.precision, batch_size=stage.batch_size)
+    try:
+        seed_everything(cfg.train.seed)  # the same initial weights on every rank
+        module = get_stage(stage.name)
+        parts = module.build(cfg)  # loads the weights: a file that does not fit fails here, before anything is written
+        run_dir = Path(cfg.run_dir)
+        if strategy.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        seed_everything(cfg.train.seed + strategy.rank)  # different augmentations and dropout on each rank
+        spec = get_vfm(cfg.model.name)
+        if stream is None:
+            transform = build_transform(cfg.data.train_transform or stage.transform, img_size=cfg.model.img_size,
+                                        mean=spec.mean, std=spec.std)
+            stream = train_stream(cfg.data, fields=module.FIELDS, mode=module.STREAM, transform=transform,
+                                  batch_size=stage.batch_size, seed=cfg.train.seed, rank=strategy.rank,
+                                  world_size=strategy.world_size)
+        trainer = fit(parts, stream, _loop_config(cfg), strategy=strategy, run_dir=run_dir, resume=cfg.resume)
+        export = run_dir / "export" / EXPORT_NAME
+        state = strategy.full_state_dict(trainer.model)  # every rank takes part in gathering the shards
+        if strategy.is_main:
+            parts.export(state, export)
+        metrics: dict[str, float] = {}
+        if parts.metric is not None and cfg.data.val is not None:
+            eval_transform = build_transform(cfg.data.eval_transform, img_size=cfg.model.img_size, mean=spec.mean, std=spec.std)
+            val = eval_stream(cfg.data, fields=module.FIELDS, transform=eval_transform, batch_size=stage.batch_size,
+                              rank=strategy.rank, world_size=strategy.world_size)
+            metrics = evaluate(trainer.model, val, parts.metric(), strategy=strategy)
+            if strategy.is_main:
+                (run_dir / "metrics.json").write_text(json.dumps({"step": trainer.state.step, **metrics}, indent=2) + "\n")
+        distributed.barrier()
+    finally:
+        strategy.close()
+    log.info("%s done after %d steps; export %s%s", stage.name, trainer.state.step, export,
+             "".join(f", {k} {v:.4f}" for k, v in metrics.items()))
+    return StageResult(run_dir=run_dir, export=export, steps=trainer.state.step, metrics=metrics)
+
+
+def _loop_config(cfg: Config) -> Any:
+    from adala.engine.loop import LoopConfig
+
+    optim = cfg.stage.optim
+    return LoopConfig(
         max_steps=cfg.train.max_steps,
         lr=optim.lr,
         weight_decay=optim.weight_decay,
@@ -106,20 +147,10 @@ def run_stage(cfg: Config) -> StageResult:
         log_every=cfg.train.log_every,
         save_every=cfg.train.save_every,
         keep_last=cfg.train.keep_last,
+        max_nonfinite_steps=cfg.train.max_nonfinite_steps,
         progress=cfg.train.progress,
+        meta={"stage": cfg.stage.name, "model": cfg.model.name},
     )
-    state = fit(parts, stream, loop, strategy=strategy, run_dir=run_dir, resume=cfg.resume)
-    export = parts.export(run_dir / "export" / EXPORT_NAME)
-    metrics: dict[str, float] = {}
-    if parts.evaluate is not None and cfg.data.val is not None:
-        eval_transform = build_transform(cfg.data.eval_transform, img_size=cfg.model.img_size, mean=spec.mean, std=spec.std)
-        val = eval_stream(cfg.data, fields=module.FIELDS, transform=eval_transform, batch_size=stage.batch_size,
-                          rank=strategy.rank, world_size=strategy.world_size)
-        metrics = parts.evaluate(strategy.to_device(batch) for batch in val)
-        (run_dir / "metrics.json").write_text(json.dumps({"step": state.step, **metrics}, indent=2) + "\n")
-    log.info("%s done after %d steps; export %s%s", stage.name, state.step, export,
-             "".join(f", {k} {v:.4f}" for k, v in metrics.items()))
-    return StageResult(run_dir=run_dir, export=export, steps=state.step, metrics=metrics)
 
 
 def _require_stage(cfg: Config) -> StageConfig:

@@ -1,11 +1,15 @@
 """One manager for every stateful piece of a run, writing ``checkpoints/step-N/`` directories.
 
-A checkpoint is written under a temporary name, completed by a marker file written last, then renamed into
-place; resume only ever reads directories that carry the marker, so a crash or a kill mid-save leaves the
-previous checkpoint as the latest usable one.
+A checkpoint holds the model and optimizer in the strategy's format (``model/``: DCP shards, or DeepSpeed's
+files), and one small file per rank (``ranks/rank-R.pt``) with the LR schedule, counters, RNG and data-stream
+state. It is written under a temporary name by all ranks; the main rank then writes ``COMPLETE``, a manifest
+of every file and its size, and renames the directory into place. Resume reads only directories whose
+manifest matches their files, so a kill mid-save, a missing marker or a lost shard leave the previous
+checkpoint as the one to resume from.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -15,10 +19,14 @@ from typing import Any, Optional, Protocol
 
 import torch
 
+from adala.engine import distributed
+from adala.errors import UserError
+
 log = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "COMPLETE"
-STATE_FILE = "state.pt"
+MODEL_DIR = "model"
+RANKS_DIR = "ranks"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -29,46 +37,109 @@ class Stateful(Protocol):
 
 
 class CheckpointManager:
-    def __init__(self, directory: str | os.PathLike, states: dict[str, Stateful], keep_last: int = 2) -> None:
+    """Saves and restores ``model`` + ``optimizer`` through ``strategy`` and the per-rank ``states``.
+
+    ``meta`` (e.g. the stage's name) is recorded in the manifest and must match on resume.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        strategy: Any,
+        model: Any,
+        optimizer: Any,
+        states: dict[str, Stateful],
+        meta: Optional[dict[str, Any]] = None,
+        keep_last: int = 2,
+    ) -> None:
         if keep_last < 1:
-            raise ValueError("keep_last must be at least 1")
+            raise UserError("train.keep_last must be at least 1")
         self.directory = Path(directory)
+        self.strategy = strategy
+        self.model = model
+        self.optimizer = optimizer
         self.states = states
+        self.meta = meta or {}
         self.keep_last = keep_last
 
     def save(self, step: int) -> Path:
+        """Write ``step-N`` (a collective: every rank calls it at the same step)."""
         final = self.directory / f"step-{step}"
-        tmp = self.directory / f".step-{step}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        torch.save({name: state.state_dict() for name, state in self.states.items()}, tmp / STATE_FILE)
-        (tmp / COMPLETE_MARKER).write_text(f"{step}\n")
-        if final.exists():  # an earlier run reached this step and was resumed from before it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        self._prune()
+        tmp = self.directory / f".step-{step}.tmp"
+        if self.strategy.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / RANKS_DIR).mkdir(parents=True)
+        distributed.barrier()
+        self.strategy.save_state(tmp / MODEL_DIR, self.model, self.optimizer)
+        rank_file = tmp / RANKS_DIR / f"rank-{self.strategy.rank}.pt"
+        torch.save({name: state.state_dict() for name, state in self.states.items()}, rank_file)
+        distributed.barrier()
+        if self.strategy.is_main:
+            manifest = {
+                "step": step,
+                "world_size": self.strategy.world_size,
+                "format": self.strategy.checkpoint_format,
+                **self.meta,
+                "files": _file_sizes(tmp),
+            }
+            (tmp / COMPLETE_MARKER).write_text(json.dumps(manifest, indent=1) + "\n")
+            if final.exists():  # an earlier run reached this step and was resumed from before it
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            self._prune()
+        distributed.barrier()
         return final
 
     def load(self, path: str | os.PathLike) -> int:
-        """Restore every registered state from checkpoint ``path``; returns its step."""
+        """Restore every piece from checkpoint ``path``; returns its step."""
         path = Path(path)
-        if not is_complete(path):
-            raise FileNotFoundError(f"{path} is not a complete checkpoint (no {COMPLETE_MARKER} marker)")
-        saved = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
-        missing = set(self.states) - set(saved)
-        if missing:
-            raise ValueError(f"checkpoint {path} lacks {sorted(missing)}; it was written by another stage")
+        manifest = read_manifest(path)
+        if manifest is None:
+            raise UserError(f"{path} is not a complete checkpoint (its {COMPLETE_MARKER} manifest is missing or its "
+                            "files do not match it); use resume=auto to pick the latest complete one")
+        if manifest["format"] != self.strategy.checkpoint_format:
+            raise UserError(f"{path} was written in the {manifest['format']} format and strategy={self.strategy.name} "
+                            f"reads {self.strategy.checkpoint_format}; resume with the strategy that wrote it")
+        for key, value in self.meta.items():
+            if manifest.get(key) != value:
+                raise UserError(f"{path} belongs to {key} {manifest.get(key)!r}, not {value!r}; use another run_dir")
+        saved_world = int(manifest["world_size"])
+        self.strategy.load_state(path / MODEL_DIR, self.model, self.optimizer, saved_world)
+        rank_file = path / RANKS_DIR / f"rank-{self.strategy.rank}.pt"
+        if saved_world != self.strategy.world_size:
+            log.warning("checkpoint %s was written by %d ranks and this run has %d: every rank restores rank 0's "
+                        "counters, RNG and data-stream state (the stream re-splits its position deterministically)",
+                        path, saved_world, self.strategy.world_size)
+            rank_file = path / RANKS_DIR / "rank-0.pt"
+        saved = torch.load(rank_file, map_location="cpu", weights_only=False)
         for name, state in self.states.items():
             state.load_state_dict(saved[name])
-        return step_of(path)
+        return int(manifest["step"])
 
     def latest(self) -> Optional[Path]:
-        """The newest complete checkpoint; incomplete ones are reported and skipped."""
-        for path in reversed(self._step_dirs()):
-            if is_complete(path):
+        """The newest complete checkpoint; incomplete ones are reported and skipped. Raises when checkpoints
+        exist but none of them is usable."""
+        candidates = list(reversed(self._step_dirs()))
+        for path in candidates:
+            if read_manifest(path) is not None:
                 return path
-            log.warning("skipping incomplete checkpoint %s (no %s marker)", path, COMPLETE_MARKER)
+            log.warning("skipping incomplete checkpoint %s (no %s manifest, or files missing or truncated)", path, COMPLETE_MARKER)
+        if candidates:
+            raise UserError(f"no usable checkpoint in {self.directory} ({len(candidates)} incomplete); "
+                            "remove them, or start over with resume=none and a new run_dir")
         return None
+
+    def resume_point(self, resume: Optional[str]) -> Optional[Path]:
+        """Where ``resume`` (none | auto | a checkpoint directory) says to continue from; None: start fresh."""
+        if resume in (None, "", "none"):
+            return None
+        if resume == "auto":
+            return self.latest()
+        path = Path(resume)
+        if not path.is_dir():
+            raise UserError(f"resume={resume}: no such checkpoint directory; use resume=auto or a checkpoints/step-N path")
+        return path
 
     def _step_dirs(self) -> list[Path]:
         if not self.directory.is_dir():
@@ -77,13 +148,24 @@ class CheckpointManager:
         return sorted(dirs, key=step_of)
 
     def _prune(self) -> None:
-        complete = [p for p in self._step_dirs() if is_complete(p)]
+        complete = [p for p in self._step_dirs() if read_manifest(p) is not None]
         for path in complete[: -self.keep_last]:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def is_complete(path: Path) -> bool:
-    return (path / COMPLETE_MARKER).is_file() and (path / STATE_FILE).is_file()
+def read_manifest(path: Path) -> Optional[dict[str, Any]]:
+    """The checkpoint's manifest if the directory is complete: the marker parses and every file it lists is
+    there with its recorded size; None otherwise."""
+    try:
+        manifest = json.loads((path / COMPLETE_MARKER).read_text())
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    for name, size in files.items():
+        file = path / name
+        if not file.is_file() or file.stat().st_size != size:
+            return None
+    return manifest
 
 
 def step_of(path: Path) -> int:
@@ -91,3 +173,7 @@ def step_of(path: Path) -> int:
     if match is None:
         raise ValueError(f"{path} is not a step-N checkpoint directory")
     return int(match.group(1))
+
+
+def _file_sizes(directory: Path) -> dict[str, int]:
+    return {str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*")) if p.is_file()}

@@ -1,7 +1,7 @@
 """AdamW over a stage's parameter groups and the paper's learning-rate schedules."""
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -24,9 +24,36 @@ def build_optimizer(
     return torch.optim.AdamW(param_groups, lr=lr, weight_decay=weight_decay, betas=betas)
 
 
-def build_schedule(
-    optimizer: torch.optim.Optimizer, *, kind: str, total_steps: int, warmup_steps: int = 0, power: float = 0.9
-) -> torch.optim.lr_scheduler.LambdaLR:
+class LRSchedule:
+    """Sets every group's lr to its initial lr × ``factor(step)``. Works on any optimizer that exposes
+    ``param_groups``, DeepSpeed's ZeRO optimizers included (torch's schedulers accept only torch optimizers)."""
+
+    def __init__(self, optimizer: Any, factor: Callable[[int], float]) -> None:
+        self.optimizer = optimizer
+        self.factor = factor
+        self.base_lrs = [group["lr"] for group in optimizer.param_groups]
+        self.last_step = 0
+        self._apply()
+
+    def step(self) -> None:
+        self.last_step += 1
+        self._apply()
+
+    def _apply(self) -> None:
+        scale = self.factor(self.last_step)
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * scale
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_step": self.last_step, "base_lrs": list(self.base_lrs)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.last_step = int(state["last_step"])
+        self.base_lrs = list(state["base_lrs"])
+        self._apply()
+
+
+def build_schedule(optimizer: Any, *, kind: str, total_steps: int, warmup_steps: int = 0, power: float = 0.9) -> LRSchedule:
     """``constant`` or ``poly`` (factor (1 - t/T)^power), each after an optional linear warm-up."""
     if kind not in SCHEDULES:
         raise UserError(f"unknown lr schedule {kind!r}; use one of {', '.join(SCHEDULES)}")
@@ -39,4 +66,4 @@ def build_schedule(
         progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
         return (1.0 - progress) ** power
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return LRSchedule(optimizer, factor)

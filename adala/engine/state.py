@@ -11,10 +11,11 @@ import torch
 
 @dataclass
 class TrainState:
-    """Counters of the run: the step about to be taken, and images seen so far."""
+    """Counters of the run: steps taken, images trained on, and steps skipped for a non-finite loss."""
 
     step: int = 0
     images: int = 0
+    nonfinite_skipped: int = 0
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -22,6 +23,7 @@ class TrainState:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
         self.images = int(state["images"])
+        self.nonfinite_skipped = int(state.get("nonfinite_skipped", 0))
 
 
 class RNGState:

@@ -2,22 +2,33 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from adala.engine.loop import Batch, StageParts
+from adala.engine.loop import Batch, StageParts, StepOutput
 from adala.eval import Top1
 from adala.models import build_vfm, save_export
-from adala.stages.common import backbone_and_head_groups, export_metadata, requested_attention, start_weights
+from adala.stages.common import backbone_and_head_groups, export_metadata, requested_attention, start_weights, strip_prefix
 
 FIELDS = ("image", "label")
 STREAM = "epoch"  # how it reads its training data: see adala.data.pipeline
 
 
+class Classifier(nn.Module):
+    def __init__(self, vit: nn.Module) -> None:
+        super().__init__()
+        self.vit = vit
+
+    def forward(self, batch: Batch) -> StepOutput:
+        logits = self.vit(batch["image"])
+        return StepOutput(loss=F.cross_entropy(logits.float(), batch["label"]), prediction=logits)
+
+
 def build(cfg: Any) -> StageParts:
-    model = build_vfm(
+    vit = build_vfm(
         cfg.model.name,
         img_size=cfg.model.img_size,
         weights=start_weights(cfg),
@@ -25,24 +36,13 @@ def build(cfg: Any) -> StageParts:
         attention=requested_attention(cfg),
     )
 
-    def loss(batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return F.cross_entropy(model(batch["image"]), batch["label"]), {}
-
-    @torch.no_grad()
-    def evaluate(batches: Iterable[Batch]) -> dict[str, float]:
-        model.eval()
-        top1 = Top1()
-        for batch in batches:
-            top1.update(model(batch["image"]), batch["label"])
-        return {"top1": top1.compute()}
-
-    def export(path: Path) -> Path:
-        return save_export(model.state_dict(), path, export_metadata(cfg, model, num_classes=cfg.data.num_classes))
+    def export(state: dict[str, torch.Tensor], path: Path) -> Path:
+        metadata = export_metadata(cfg, vit, num_classes=cfg.data.num_classes)
+        return save_export(strip_prefix(state, "vit."), path, metadata)
 
     return StageParts(
-        model=model,
-        param_groups=backbone_and_head_groups(model, ("head.",), cfg.stage.optim.backbone_lr_scale),
-        loss=loss,
+        model=Classifier(vit),
+        param_groups=backbone_and_head_groups(("vit.head.",), cfg.stage.optim.backbone_lr_scale),
         export=export,
-        evaluate=evaluate,
+        metric=Top1,
     )

@@ -2,14 +2,15 @@
 DINOv2), upsampled to the input resolution; everything trains, backbone at lr × 0.1."""
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adala.engine.loop import Batch, StageParts
+from adala.engine.loop import Batch, StageParts, StepOutput
 from adala.eval import MeanIoU
 from adala.models import build_vfm, save_export
 from adala.stages.common import backbone_and_head_groups, export_metadata, requested_attention, start_weights
@@ -20,49 +21,40 @@ IGNORE_INDEX = 255
 
 
 class Segmenter(nn.Module):
-    """A ViT backbone and a per-patch linear classifier; state-dict keys: timm's for the backbone,
-    ``seg_head.*`` for the head, so the backbone part loads into plain timm."""
+    """A ViT backbone and a per-patch linear classifier; state-dict keys: ``backbone.*`` (timm's names under
+    the prefix) and ``seg_head.*``, so the exported backbone loads into plain timm."""
 
     def __init__(self, backbone: nn.Module, num_classes: int) -> None:
         super().__init__()
         self.backbone = backbone
         self.seg_head = nn.Sequential(nn.BatchNorm2d(backbone.embed_dim), nn.Conv2d(backbone.embed_dim, num_classes, 1))
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, batch: Batch) -> StepOutput:
+        images = batch["image"]
         tokens = self.backbone.forward_features(images)[:, self.backbone.num_prefix_tokens:]
         height, width = self.backbone.patch_embed.dynamic_feat_size(images.shape[-2:])
         grid = tokens.transpose(1, 2).reshape(tokens.shape[0], -1, height, width)
-        return F.interpolate(self.seg_head(grid), size=images.shape[-2:], mode="bilinear", align_corners=False)
+        logits = F.interpolate(self.seg_head(grid), size=images.shape[-2:], mode="bilinear", align_corners=False)
+        return StepOutput(loss=F.cross_entropy(logits.float(), batch["mask"], ignore_index=IGNORE_INDEX), prediction=logits)
 
-    def export_state(self) -> dict[str, torch.Tensor]:
-        return {**self.backbone.state_dict(), **{f"seg_head.{k}": v for k, v in self.seg_head.state_dict().items()}}
+
+def export_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Backbone keys as timm names them, the head under ``seg_head.``."""
+    return {key.removeprefix("backbone."): value for key, value in state.items()}
 
 
 def build(cfg: Any) -> StageParts:
     backbone = build_vfm(
         cfg.model.name, img_size=cfg.model.img_size, weights=start_weights(cfg), attention=requested_attention(cfg)
     )
-    model = Segmenter(backbone, cfg.data.num_seg_classes)
 
-    def loss(batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return F.cross_entropy(model(batch["image"]), batch["mask"], ignore_index=IGNORE_INDEX), {}
-
-    @torch.no_grad()
-    def evaluate(batches: Iterable[Batch]) -> dict[str, float]:
-        model.eval()
-        miou = MeanIoU(cfg.data.num_seg_classes, ignore_index=IGNORE_INDEX)
-        for batch in batches:
-            miou.update(model(batch["image"]), batch["mask"])
-        return {"miou": miou.compute()}
-
-    def export(path: Path) -> Path:
+    def export(state: dict[str, torch.Tensor], path: Path) -> Path:
         metadata = export_metadata(cfg, backbone, num_seg_classes=cfg.data.num_seg_classes)
-        return save_export(model.export_state(), path, metadata)
+        return save_export(export_state(state), path, metadata)
 
     return StageParts(
-        model=model,
-        param_groups=backbone_and_head_groups(model, ("seg_head.",), cfg.stage.optim.backbone_lr_scale),
-        loss=loss,
+        model=Segmenter(backbone, cfg.data.num_seg_classes),
+        param_groups=backbone_and_head_groups(("seg_head.",), cfg.stage.optim.backbone_lr_scale),
         export=export,
-        evaluate=evaluate,
+        metric=partial(MeanIoU, cfg.data.num_seg_classes, ignore_index=IGNORE_INDEX),
     )

@@ -1,0 +1,77 @@
+"""The process group: started from the environment ``torchrun`` (or SLURM/Ray through it) sets, and small
+collectives the loop needs. Every function also works in a plain single process, without a process group."""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+def launched_world_size() -> int:
+    """The number of processes this run was launched with (``WORLD_SIZE``, 1 when not launched by torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_process_group(device: torch.device, *, required: bool = False, timeout_s: int = 1800) -> None:
+    """Join the launcher's process group: nccl on CUDA, gloo on CPU. A plain single process gets a one-rank
+    group on loopback only when ``required`` (FSDP and DeepSpeed always work through one)."""
+    if dist.is_initialized():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if "RANK" not in os.environ:
+        if required:  # an in-process store: no port, no environment variables
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+        return
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    log.info("rank %d of %d joined the %s process group", dist.get_rank(), dist.get_world_size(), backend)
+
+
+def is_initialized() -> bool:
+    return dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In-place sum/max/min over ranks (gloo cannot average, so ``mean`` divides a sum)."""
+    if not dist.is_initialized():
+        return tensor
+    reduce_op = {"sum": dist.ReduceOp.SUM, "mean": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op]
+    dist.all_reduce(tensor, op=reduce_op)
+    if op == "mean":
+        tensor /= dist.get_world_size()
+    return tensor
+
+
+def broadcast_object(value: object) -> object:
+    """Rank 0's ``value`` on every rank."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def destroy_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
