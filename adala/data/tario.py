@@ -30,15 +30,18 @@ def write_tar(path: Path, samples: Iterable[Mapping[str, Any]]) -> dict[str, Any
 
     tmp = temporary(path)
     count = 0
-    with open(tmp, "wb") as file:
-        sink = _Hashing(file)
-        with wds.TarWriter(sink, encoder=False, **TAR_METADATA) as tar:
-            for sample in samples:
-                tar.write(dict(sample))
-                count += 1
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as file:
+            sink = _Hashing(file)
+            with wds.TarWriter(sink, encoder=False, **TAR_METADATA) as tar:
+                for sample in samples:
+                    tar.write(dict(sample))
+                    count += 1
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return {"name": path.name, "samples": count, "bytes": sink.size, "sha256": sink.digest.hexdigest()}
 
 
