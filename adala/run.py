@@ -71,10 +71,23 @@ def validate(cfg: Config) -> Config:
         cfg.train.max_steps = max(1, math.ceil(stage.epochs * cfg.data.train_samples / global_batch))
     if cfg.train.max_steps <= 0 or stage.batch_size <= 0:
         raise UserError("train.max_steps and stage.batch_size must be positive")
-    if cfg.resume not in ("none", "auto") and not os.path.isdir(cfg.resume):
-        raise UserError(f"resume={cfg.resume}: no such checkpoint directory; use resume=auto or a checkpoints/step-N path")
     cfg.run_dir = cfg.run_dir or f"runs/{stage.name}-{cfg.model.name}"
+    _check_resume(cfg, world_size)
     return cfg
+
+
+def _check_resume(cfg: Config, world_size: int) -> None:
+    """A checkpoint to resume from must be complete and readable by this run's stage, strategy and ranks."""
+    from adala.engine.checkpoint import check_resumable, resume_point
+    from adala.engine.strategies import STRATEGIES
+
+    path = resume_point(Path(cfg.run_dir) / "checkpoints", cfg.resume)
+    if path is None:
+        return
+    strategy = STRATEGIES[cfg.strategy.name]()
+    manifest = check_resumable(path, strategy=cfg.strategy.name, checkpoint_format=strategy.checkpoint_format,
+                               meta=_run_meta(cfg))
+    strategy.check_world_size(path, saved=int(manifest["world_size"]), current=world_size, cfg=cfg.strategy)
 
 
 def run_stage(cfg: Config, stream: Optional[Iterable[dict[str, Any]]] = None) -> StageResult:
@@ -149,8 +162,13 @@ def _loop_config(cfg: Config) -> Any:
         keep_last=cfg.train.keep_last,
         max_nonfinite_steps=cfg.train.max_nonfinite_steps,
         progress=cfg.train.progress,
-        meta={"stage": cfg.stage.name, "model": cfg.model.name},
+        meta=_run_meta(cfg),
     )
+
+
+def _run_meta(cfg: Config) -> dict[str, str]:
+    """What a checkpoint records about its run, and a resuming run must match."""
+    return {"stage": cfg.stage.name, "model": cfg.model.name}
 
 
 def _require_stage(cfg: Config) -> StageConfig:

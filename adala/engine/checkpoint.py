@@ -94,16 +94,8 @@ class CheckpointManager:
     def load(self, path: str | os.PathLike) -> int:
         """Restore every piece from checkpoint ``path``; returns its step."""
         path = Path(path)
-        manifest = read_manifest(path)
-        if manifest is None:
-            raise UserError(f"{path} is not a complete checkpoint (its {COMPLETE_MARKER} manifest is missing or its "
-                            "files do not match it); use resume=auto to pick the latest complete one")
-        if manifest["format"] != self.strategy.checkpoint_format:
-            raise UserError(f"{path} was written in the {manifest['format']} format and strategy={self.strategy.name} "
-                            f"reads {self.strategy.checkpoint_format}; resume with the strategy that wrote it")
-        for key, value in self.meta.items():
-            if manifest.get(key) != value:
-                raise UserError(f"{path} belongs to {key} {manifest.get(key)!r}, not {value!r}; use another run_dir")
+        manifest = check_resumable(path, strategy=self.strategy.name, checkpoint_format=self.strategy.checkpoint_format,
+                                   meta=self.meta)
         saved_world = int(manifest["world_size"])
         self.strategy.load_state(path / MODEL_DIR, self.model, self.optimizer, saved_world)
         rank_file = path / RANKS_DIR / f"rank-{self.strategy.rank}.pt"
@@ -118,39 +110,50 @@ class CheckpointManager:
         return int(manifest["step"])
 
     def latest(self) -> Optional[Path]:
-        """The newest complete checkpoint; incomplete ones are reported and skipped. Raises when checkpoints
-        exist but none of them is usable."""
-        candidates = list(reversed(self._step_dirs()))
-        for path in candidates:
-            if read_manifest(path) is not None:
-                return path
-            log.warning("skipping incomplete checkpoint %s (no %s manifest, or files missing or truncated)", path, COMPLETE_MARKER)
-        if candidates:
-            raise UserError(f"no usable checkpoint in {self.directory} ({len(candidates)} incomplete); "
-                            "remove them, or start over with resume=none and a new run_dir")
-        return None
+        return latest_checkpoint(self.directory)
 
     def resume_point(self, resume: Optional[str]) -> Optional[Path]:
-        """Where ``resume`` (none | auto | a checkpoint directory) says to continue from; None: start fresh."""
-        if resume in (None, "", "none"):
-            return None
-        if resume == "auto":
-            return self.latest()
-        path = Path(resume)
-        if not path.is_dir():
-            raise UserError(f"resume={resume}: no such checkpoint directory; use resume=auto or a checkpoints/step-N path")
-        return path
-
-    def _step_dirs(self) -> list[Path]:
-        if not self.directory.is_dir():
-            return []
-        dirs = [p for p in self.directory.iterdir() if _STEP_DIR.match(p.name) and p.is_dir()]
-        return sorted(dirs, key=step_of)
+        return resume_point(self.directory, resume)
 
     def _prune(self) -> None:
-        complete = [p for p in self._step_dirs() if read_manifest(p) is not None]
+        complete = [p for p in _step_dirs(self.directory) if read_manifest(p) is not None]
         for path in complete[: -self.keep_last]:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def latest_checkpoint(directory: Path) -> Optional[Path]:
+    """The newest complete checkpoint in ``directory``; incomplete ones are reported and skipped. Raises when
+    checkpoints exist but none of them is usable."""
+    candidates = list(reversed(_step_dirs(directory)))
+    for path in candidates:
+        if read_manifest(path) is not None:
+            return path
+        log.warning("skipping incomplete checkpoint %s (no %s manifest, or files missing or truncated)", path, COMPLETE_MARKER)
+    if candidates:
+        raise UserError(f"no usable checkpoint in {directory} ({len(candidates)} incomplete); "
+                        "remove them, or start over with resume=none and a new run_dir")
+    return None
+
+
+def _step_dirs(directory: Path) -> list[Path]:
+    if not directory.is_dir():
+        return []
+    return sorted((p for p in directory.iterdir() if _STEP_DIR.match(p.name) and p.is_dir()), key=step_of)
+
+
+def check_resumable(path: Path, *, strategy: str, checkpoint_format: str, meta: dict[str, Any]) -> dict[str, Any]:
+    """The manifest of checkpoint ``path`` if this run can resume from it; otherwise one clear error."""
+    manifest = read_manifest(path)
+    if manifest is None:
+        raise UserError(f"{path} is not a complete checkpoint (its {COMPLETE_MARKER} manifest is missing or its "
+                        "files do not match it); use resume=auto to pick the latest complete one")
+    if manifest["format"] != checkpoint_format:
+        raise UserError(f"{path} was written in the {manifest['format']} format and strategy={strategy} "
+                        f"reads {checkpoint_format}; resume with the strategy that wrote it")
+    for key, value in meta.items():
+        if manifest.get(key) != value:
+            raise UserError(f"{path} belongs to {key} {manifest.get(key)!r}, not {value!r}; use another run_dir")
+    return manifest
 
 
 def read_manifest(path: Path) -> Optional[dict[str, Any]]:
@@ -177,3 +180,15 @@ def step_of(path: Path) -> int:
 
 def _file_sizes(directory: Path) -> dict[str, int]:
     return {str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def resume_point(directory: Path, resume: Optional[str]) -> Optional[Path]:
+    """Where ``resume`` (none | auto | a checkpoint directory) says to continue from; None: start fresh."""
+    if resume in (None, "", "none"):
+        return None
+    if resume == "auto":
+        return latest_checkpoint(directory)
+    path = Path(resume)
+    if not path.is_dir():
+        raise UserError(f"resume={resume}: no such checkpoint directory; use resume=auto or a checkpoints/step-N path")
+    return path

@@ -150,6 +150,10 @@ class Strategy:
         dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(directory),
                  no_dist=not distributed.is_initialized())
 
+    @classmethod
+    def check_world_size(cls, path: Path, *, saved: int, current: int, cfg: Any) -> None:
+        """Raise if a checkpoint written by ``saved`` ranks cannot be resumed on ``current`` (DCP reshards: it can)."""
+
     def load_state(self, directory: Path, model: nn.Module, optimizer: Any, saved_world_size: int) -> None:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict

@@ -112,14 +112,18 @@ class DeepSpeedStrategy(Strategy):
     def save_state(self, directory: Path, model: nn.Module, optimizer: Any) -> None:
         model.save_checkpoint(str(directory), tag=TAG, save_latest=False)
 
-    def load_state(self, directory: Path, model: nn.Module, optimizer: Any, saved_world_size: int) -> None:
-        universal = self.user_config.get("checkpoint", {}).get("load_universal", False)
-        if saved_world_size != self.world_size and not universal:
+    @classmethod
+    def check_world_size(cls, path: Path, *, saved: int, current: int, cfg: Any) -> None:
+        universal = read_user_config(cfg.deepspeed_config).get("checkpoint", {}).get("load_universal", False)
+        if saved != current and not universal:
             raise UserError(
-                f"{directory.parent} is a DeepSpeed checkpoint from {saved_world_size} ranks and this run has "
-                f"{self.world_size}; resume with {saved_world_size} ranks, or convert it with "
-                "`python -m deepspeed.checkpoint.ds_to_universal` and set checkpoint.load_universal in strategy.deepspeed_config"
+                f"{path} is a DeepSpeed checkpoint from {saved} ranks and this run has {current}; resume with "
+                f"{saved} ranks, or convert it with `python -m deepspeed.checkpoint.ds_to_universal` and set "
+                "checkpoint.load_universal in strategy.deepspeed_config"
             )
+
+    def load_state(self, directory: Path, model: nn.Module, optimizer: Any, saved_world_size: int) -> None:
+        self.check_world_size(directory.parent, saved=saved_world_size, current=self.world_size, cfg=self.cfg)
         path, _ = model.load_checkpoint(str(directory), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False)
         if path is None:
             raise FileNotFoundError(f"DeepSpeed found no checkpoint in {directory}")
