@@ -150,3 +150,15 @@ def test_seg_transform_crops_and_flips_image_and_mask_together() -> None:
     evaluate = build_transform("eval", img_size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
     pixels, mask = evaluate(image)
     assert pixels.shape == (3, 32, 32) and mask is None and pixels.min() >= -1 and pixels.max() <= 1
+
+
+@pytest.mark.parametrize("name", ["in22k", "coco", "in1k", "ade20k", "cityscapes"])
+def test_data_groups_compose_and_their_placeholder_shards_name_the_fix(name: str) -> None:
+    from adala.config import compose
+
+    data = compose([f"data={name}"]).data
+    assert data.name == name and data.train_samples > 0 and (data.num_classes > 0 or data.num_seg_classes > 0 or name == "coco")
+    with pytest.raises(UserError, match=rf"shard /data/{name}/train-000000.tar and \d+ more not found"):
+        check_data(data, mode="epoch", world_size=1)
+    with pytest.raises(UserError, match="unknown config key 'data.wrkers'"):
+        compose([f"data={name}", "data.wrkers=2"])
