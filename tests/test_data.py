@@ -162,3 +162,19 @@ def test_data_groups_compose_and_their_placeholder_shards_name_the_fix(name: str
         check_data(data, mode="epoch", world_size=1)
     with pytest.raises(UserError, match="unknown config key 'data.wrkers'"):
         compose([f"data={name}", "data.wrkers=2"])
+
+
+def test_colour_jitter_is_one_affine_colour_map() -> None:
+    from adala.data.transforms import ColourJitter
+
+    image = torch.rand(3, 8, 8)
+    assert torch.allclose(ColourJitter(0, 0, 0, 0)(image), image, atol=1e-6)
+    grey = torch.full((3, 8, 8), 0.4)
+    outputs = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        assert torch.allclose(ColourJitter(0, 0, 0.4, 0.1)(grey), grey, atol=1e-5), "hue and saturation keep grey"
+        torch.manual_seed(seed)
+        outputs.append(ColourJitter(0.4, 0.4, 0.4, 0.1)(image))
+        assert 0 <= outputs[-1].min() and outputs[-1].max() <= 1
+    assert not torch.allclose(outputs[0], outputs[1])
