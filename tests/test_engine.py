@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -12,10 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from adala.config import compose, override
+from adala.config import StrategyConfig, compose, override
 from adala.engine.checkpoint import COMPLETE_MARKER, CheckpointManager
 from adala.engine.loop import NonFiniteLossError
+from adala.engine.preemption import REQUEUE_EXIT_CODE
 from adala.engine.state import TrainState
+from adala.engine.strategies import Strategy
+from adala.errors import UserError
 from adala.models.weights import read_state_dict
 from adala.run import run_stage
 
@@ -33,20 +37,47 @@ def logged_steps(run_dir: Path) -> list[int]:
     return [json.loads(line)["step"] for line in (run_dir / "log.jsonl").read_text().splitlines()]
 
 
-def test_checkpoint_manager_keeps_last_and_skips_incomplete(tmp_path: Path) -> None:
-    state = TrainState()
-    manager = CheckpointManager(tmp_path, {"train": state}, keep_last=2)
+def manager(directory: Path, model: torch.nn.Module, state: TrainState, keep_last: int = 2) -> CheckpointManager:
+    strategy = Strategy(StrategyConfig(), device="cpu")
+    optimizer = torch.optim.AdamW(model.parameters())
+    return CheckpointManager(directory, strategy=strategy, model=model, optimizer=optimizer, states={"train": state},
+                             meta={"stage": "test"}, keep_last=keep_last)
+
+
+def test_checkpoint_manager_keeps_last_and_skips_incomplete(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    model, state = torch.nn.Linear(4, 4), TrainState()
+    checkpoints = manager(tmp_path, model, state)
     for step in (1, 2, 3):
         state.step = step
-        manager.save(step)
+        checkpoints.save(step)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-2", "step-3"]
+
     (tmp_path / "step-3" / COMPLETE_MARKER).unlink()  # as if killed before the marker was written
-    assert manager.latest() == tmp_path / "step-2"
+    assert checkpoints.latest() == tmp_path / "step-2"
+    assert "skipping incomplete checkpoint" in caplog.text and "step-3" in caplog.text
     restored = TrainState()
-    CheckpointManager(tmp_path, {"train": restored}).load(manager.latest())
-    assert restored.step == 2
-    with pytest.raises(FileNotFoundError):
-        manager.load(tmp_path / "step-3")
+    torch.nn.init.zeros_(model.weight)
+    assert manager(tmp_path, model, restored).load(checkpoints.latest()) == 2
+    assert restored.step == 2 and model.weight.abs().sum() > 0
+    with pytest.raises(UserError, match="not a complete checkpoint"):
+        checkpoints.load(tmp_path / "step-3")
+
+    shard = next((tmp_path / "step-2" / "model").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:-8])  # a truncated shard: the manifest's size no longer matches
+    with pytest.raises(UserError, match="no usable checkpoint.*2 incomplete"):
+        checkpoints.latest()
+    shard.unlink()  # a missing shard
+    with pytest.raises(UserError, match="no usable checkpoint"):
+        checkpoints.latest()
+
+
+def test_checkpoint_of_another_stage_is_refused(tmp_path: Path) -> None:
+    model, state = torch.nn.Linear(4, 4), TrainState()
+    manager(tmp_path, model, state).save(1)
+    other = manager(tmp_path, model, state)
+    other.meta = {"stage": "other"}
+    with pytest.raises(UserError, match="belongs to stage 'test', not 'other'"):
+        other.load(tmp_path / "step-1")
 
 
 def test_kill_and_resume_matches_uninterrupted_run(tmp_path: Path, demo_shards: dict[str, str], random_teacher: str) -> None:
@@ -73,21 +104,65 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path: Path, demo_shards: 
     assert logged_steps(run_dir) == list(range(1, 61))
 
 
-def test_non_finite_loss_stops_and_keeps_last_checkpoint(
-    tmp_path: Path, demo_shards: dict[str, str], random_teacher: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    calls = {"n": 0}
+def nan_losses(monkeypatch: pytest.MonkeyPatch, calls: set[int]) -> None:
+    """Make the loss of the given forward passes (counted from 1) NaN."""
+    count = {"n": 0}
     mse_loss = torch.nn.functional.mse_loss
 
-    def nan_on_sixth_call(*args, **kwargs) -> torch.Tensor:  # the loss of step 6 becomes NaN
-        calls["n"] += 1
+    def sometimes_nan(*args, **kwargs) -> torch.Tensor:
+        count["n"] += 1
         loss = mse_loss(*args, **kwargs)
-        return loss * float("nan") if calls["n"] == 6 else loss
+        return loss * float("nan") if count["n"] in calls else loss
 
-    monkeypatch.setattr(torch.nn.functional, "mse_loss", nan_on_sixth_call)
+    monkeypatch.setattr(torch.nn.functional, "mse_loss", sometimes_nan)
+
+
+def test_non_finite_loss_skips_the_step_and_counts_it(
+    tmp_path: Path, demo_shards: dict[str, str], random_teacher: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    nan_losses(monkeypatch, {3, 6, 7})
     run_dir = tmp_path / "nan"
-    with pytest.raises(NonFiniteLossError, match=r"at step 6\b.*step-4"):
-        run_stage(compose(stage_overrides(run_dir, demo_shards, random_teacher, "train.max_steps=8", "train.save_every=2")))
+    result = run_stage(compose(stage_overrides(run_dir, demo_shards, random_teacher, "train.max_steps=8")))
+    assert result.steps == 8
+    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 9))
+    assert all(math.isfinite(r["loss"]) for r in records)
+    assert records[-1]["nonfinite_skipped"] == 3
+    saved = torch.load(run_dir / "checkpoints" / "step-8" / "ranks" / "rank-0.pt", weights_only=False)
+    assert saved["train"]["nonfinite_skipped"] == 3
+    assert all(torch.isfinite(v).all() for v in read_state_dict(result.export).values())
+
+
+def test_non_finite_loss_in_a_row_stops_and_keeps_last_checkpoint(
+    tmp_path: Path, demo_shards: dict[str, str], random_teacher: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    nan_losses(monkeypatch, set(range(6, 100)))
+    run_dir = tmp_path / "nan"
+    overrides = stage_overrides(run_dir, demo_shards, random_teacher, "train.max_steps=8", "train.save_every=2",
+                                "train.max_nonfinite_steps=3")
+    with pytest.raises(NonFiniteLossError, match=r"not finite for 3 steps in a row \(at step 6\).*step-4"):
+        run_stage(compose(overrides))
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-2", "step-4"]
-    assert torch.load(run_dir / "checkpoints" / "step-4" / "state.pt", weights_only=False)["train"]["step"] == 4
     assert not (run_dir / "export").exists()
+
+
+def test_sigterm_saves_and_exits_for_requeue(tmp_path: Path, demo_shards: dict[str, str], random_teacher: str) -> None:
+    run_dir = tmp_path / "preempted"
+    overrides = stage_overrides(run_dir, demo_shards, random_teacher, "train.max_steps=200", "train.save_every=1000")
+    process = subprocess.Popen([sys.executable, "-m", "adala", *overrides], cwd=REPO, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    log = run_dir / "log.jsonl"
+    deadline = time.time() + 120
+    while not (log.exists() and len(log.read_text().splitlines()) >= 2):
+        assert process.poll() is None and time.time() < deadline, "the run ended before it could be signalled"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == REQUEUE_EXIT_CODE
+    assert "resume=auto" in process.stderr.read()
+    (saved,) = (run_dir / "checkpoints").glob("step-*")
+    step = int(saved.name.split("-")[1])
+    assert 2 <= step < 200 and logged_steps(run_dir)[-1] == step
+
+    resumed = run_stage(compose([*overrides[:-2], "train.max_steps=" + str(step + 3), "resume=auto"]))
+    assert resumed.steps == step + 3
+    assert logged_steps(run_dir) == list(range(1, step + 4))
