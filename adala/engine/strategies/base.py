@@ -6,9 +6,10 @@ model is wrapped and stepped, where the frozen teacher lives, and how a checkpoi
 from __future__ import annotations
 
 import logging
-from contextlib import AbstractContextManager, nullcontext
+import warnings
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -147,8 +148,9 @@ class Strategy:
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model_state, optim_state = get_state_dict(self.unwrap(model), optimizer)
-        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(directory),
-                 no_dist=not distributed.is_initialized())
+        with _single_process_ok():
+            dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(directory),
+                     no_dist=not distributed.is_initialized())
 
     @classmethod
     def check_world_size(cls, path: Path, *, saved: int, current: int, cfg: Any) -> None:
@@ -161,7 +163,8 @@ class Strategy:
         module = self.unwrap(model)
         model_state, optim_state = get_state_dict(module, optimizer)
         state = {"model": model_state, "optimizer": optim_state}
-        dcp.load(state, checkpoint_id=str(directory), no_dist=not distributed.is_initialized())
+        with _single_process_ok():
+            dcp.load(state, checkpoint_id=str(directory), no_dist=not distributed.is_initialized())
         set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
     def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -170,6 +173,14 @@ class Strategy:
 
     def close(self) -> None:
         distributed.destroy_process_group()
+
+
+@contextmanager
+def _single_process_ok() -> Iterator[None]:
+    """DCP warns on every save and load without a process group; in a single process that is intended."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def vits(model: nn.Module) -> Iterable[nn.Module]:
