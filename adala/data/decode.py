@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -74,7 +74,3 @@ def decode_mask(data: bytes) -> torch.Tensor:
     from PIL import Image
 
     return torch.from_numpy(np.array(Image.open(io.BytesIO(data)), dtype=np.uint8))
-
-
-def collate(samples: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    return {key: torch.stack([sample[key] for sample in samples]) for key in samples[0]}

@@ -26,8 +26,9 @@ from dataclasses import dataclass, replace
 from typing import Any, Iterator, Optional
 
 import torch
+from torch.utils.data import default_collate
 
-from adala.data.decode import Decoder, collate
+from adala.data.decode import Decoder
 from adala.data.opener import Reader
 from adala.data.skips import Skips
 from adala.errors import UserError
@@ -89,7 +90,7 @@ class Slots:
                 pending.append(decoded)
                 if len(pending) < self.batch_size:
                     continue
-                batch, pending = collate(pending), []
+                batch, pending = default_collate(pending), []
                 position.batches += 1
                 if position.batches == self.batches_per_epoch:
                     yield batch, Position(position.epoch + 1)
@@ -108,10 +109,10 @@ class Slots:
             if decoded is not None:
                 pending.append(decoded)
             if len(pending) == self.batch_size:
-                yield collate(pending)
+                yield default_collate(pending)
                 pending = []
         if pending:
-            yield collate(pending)
+            yield default_collate(pending)
 
     def _epoch_samples(self, worker: int, epoch: int, skips: Skips) -> Iterator[dict[str, Any]]:
         rng = random.Random(f"{self.seed}-{epoch}-{self.rank}-{worker}")

@@ -97,6 +97,7 @@ class ColourJitter:
 
 GREY = torch.tensor([0.299, 0.587, 0.114])  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
 RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+YIQ_TO_RGB = torch.linalg.inv(RGB_TO_YIQ)
 
 
 def _hue_rotation(turns: float) -> torch.Tensor:
@@ -104,7 +105,7 @@ def _hue_rotation(turns: float) -> torch.Tensor:
     angle = -2 * math.pi * turns
     cos, sin = math.cos(angle), math.sin(angle)
     rotation = torch.tensor([[1.0, 0.0, 0.0], [0.0, cos, -sin], [0.0, sin, cos]])
-    return torch.linalg.inv(RGB_TO_YIQ) @ rotation @ RGB_TO_YIQ
+    return YIQ_TO_RGB @ rotation @ RGB_TO_YIQ
 
 
 def _uniform(low: float, high: float) -> float:
