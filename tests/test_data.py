@@ -178,3 +178,11 @@ def test_colour_jitter_is_one_affine_colour_map() -> None:
         outputs.append(ColourJitter(0.4, 0.4, 0.4, 0.1)(image))
         assert 0 <= outputs[-1].min() and outputs[-1].max() <= 1
     assert not torch.allclose(outputs[0], outputs[1])
+
+
+def test_pipe_commands_are_read_and_a_failing_one_is_counted(tmp_path: Path) -> None:
+    write_samples(samples(6), tmp_path, split="train", per_shard=3)
+    data = DataConfig(val=f"pipe:cat {tmp_path}/train-000000.tar::pipe:cat {tmp_path}/train-000001.tar::pipe:cat {tmp_path}/none.tar")
+    batches, counts = read_all(data)
+    assert torch.cat([b["label"] for b in batches]).tolist() == list(range(6))
+    assert counts["skipped_truncated"] + counts["skipped_unreachable"] == 1

@@ -40,17 +40,16 @@ class Reader:
             return stream.read()
 
     def _open_http(self, url: str) -> IO[bytes]:
-        for attempt in range(self.retries + 1):
+        for attempt in range(self.retries):
             try:
                 return urllib.request.urlopen(url, timeout=self.timeout)
             except urllib.error.HTTPError as err:
-                if err.code < 500 or attempt == self.retries:
+                if err.code < 500:  # not found, forbidden: asking again will not help
                     raise
-            except OSError:  # refused, reset, DNS, timeout
-                if attempt == self.retries:
-                    raise
+            except OSError:  # refused, reset, name lookup, timeout
+                pass
             time.sleep(min(2.0 ** attempt, MAX_BACKOFF_S))
-        raise AssertionError("unreachable")
+        return urllib.request.urlopen(url, timeout=self.timeout)
 
     def samples(self, url: str, skips: Skips, select: Optional[Callable[[str], bool]] = None) -> Iterator[dict[str, Any]]:
         """The samples of one shard (dicts of ``__key__``, ``__url__`` and raw member bytes by extension).

@@ -28,7 +28,7 @@ from adala.errors import UserError
 IMAGE_TYPES = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}  # source suffix -> member extension
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: ImageNet-22K lists 14 million of these
 class Blob:
     """The bytes of a file under the source root, or of a member inside a tar there (offset and size taken
     from its header, so it is read without opening the tar again)."""
@@ -43,7 +43,7 @@ class Blob:
             return file.read(self.size)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SourceItem:
     key: str  # the sample's key in the shard: unique, no dots
     image: Blob
