@@ -144,7 +144,7 @@ def table(result: dict) -> str:
         f"takes {gpu['step_ms']:.0f} ms, i.e. {gpu['images_per_s']:.0f} images/s per GPU. Source: {gpu['source']}.",
         "",
         f"One core feeds {stream['images_per_s']:.0f} images/s at 512² (stream), so a GPU needs "
-        f"**{result['workers_needed']} workers** not to wait; `data.workers={result['workers_recommended']}` leaves "
+        f"**{result['workers_needed']} worker{'s' if result['workers_needed'] > 1 else ''}** not to wait; `data.workers={result['workers_recommended']}` leaves "
         "headroom for slower images (larger JPEGs, busier nodes).",
     ]
     return "\n".join(lines) + "\n"
