@@ -174,3 +174,21 @@ def test_deepspeed_checkpoint_on_other_world_size_is_refused_up_front(tmp_path: 
     assert done.returncode == 2
     assert "DeepSpeed checkpoint from 2 ranks and this run has 1" in done.stderr
     assert "ds_to_universal" in done.stderr
+
+
+def test_evaluation_over_two_ranks_counts_every_sample_once(tmp_path: Path, random_teacher: str) -> None:
+    """Stage 3 on 2 FSDP ranks, then the same export evaluated in one process: the same top-1 over the same
+    number of images (96 validation images in 3 shards, batches of 5, so the ranks' shares are uneven)."""
+    from adala.data.demo_data import ensure_demo_shards
+
+    demo_shards = ensure_demo_shards(tmp_path / "shards", {"finetune": 128, "val": 96}, per_shard=32)
+    common = ["stage=finetune_cls", override("data.train", demo_shards["finetune"]), override("data.val", demo_shards["val"]),
+              "data.num_classes=12", "stage.batch_size=5", "train.progress=false", "train.save_every=1000"]
+    two = tmp_path / "two"
+    run(torchrun(2, "-m", "adala", *common, "strategy=fsdp", override("run_dir", two),
+                 override("stage.init", random_teacher), "train.max_steps=3"))
+    metrics = json.loads((two / "metrics.json").read_text())
+    one = run_stage(compose([*common, override("run_dir", tmp_path / "one"), override("stage.init", two / "export" / "model.safetensors"),
+                             "train.max_steps=1", "stage.optim.lr=0"]))  # lr 0: evaluates the 2-rank weights unchanged
+    assert metrics["val_images"] == one.metrics["val_images"] == 96
+    assert metrics["top1"] == pytest.approx(one.metrics["top1"], abs=1e-9)

@@ -16,7 +16,7 @@ class Top1:
     name = "top1"
 
     def __init__(self) -> None:
-        self.counts = torch.zeros(2, dtype=torch.float64)  # correct, total
+        self.counts = torch.zeros(2, dtype=torch.float64)  # correct, images
 
     def update(self, logits: torch.Tensor, batch: dict[str, Any]) -> None:
         labels = batch["label"]
@@ -27,7 +27,7 @@ class Top1:
         all_reduce(self.counts)
 
     def compute(self) -> dict[str, float]:
-        return {self.name: float(self.counts[0] / self.counts[1].clamp(min=1))}
+        return {self.name: float(self.counts[0] / self.counts[1].clamp(min=1)), "val_images": float(self.counts[1])}
 
 
 class MeanIoU:
@@ -40,6 +40,7 @@ class MeanIoU:
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+        self.images = torch.zeros(1, dtype=torch.long)
 
     def update(self, logits: torch.Tensor, batch: dict[str, Any]) -> None:
         predictions = logits.argmax(dim=1).flatten().cpu()
@@ -47,12 +48,15 @@ class MeanIoU:
         keep = truth != self.ignore_index
         index = truth[keep] * self.num_classes + predictions[keep]
         self.confusion += torch.bincount(index, minlength=self.num_classes**2).reshape(self.num_classes, self.num_classes)
+        self.images += batch["mask"].shape[0]
 
     def sync(self, all_reduce: AllReduce) -> None:
         all_reduce(self.confusion)
+        all_reduce(self.images)
 
     def compute(self) -> dict[str, float]:
         intersection = self.confusion.diag().double()
         union = self.confusion.sum(0).double() + self.confusion.sum(1).double() - intersection
         present = union > 0
-        return {self.name: float((intersection[present] / union[present]).mean()) if present.any() else 0.0}
+        miou = float((intersection[present] / union[present]).mean()) if present.any() else 0.0
+        return {self.name: miou, "val_images": float(self.images)}

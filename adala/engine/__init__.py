@@ -1,0 +1,1 @@
+"""The training engine: one loop, strategies, checkpoints, preemption and evaluation over ranks."""
