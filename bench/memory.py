@@ -11,7 +11,10 @@ through ``/proc/self/clear_refs`` when the first batch is drawn, read as each la
 every step but the last and none of the loading or export), and on CUDA ``torch.cuda.max_memory_allocated``
 over the same span. The resident set includes the interpreter and libraries; the resident set before the first
 step is recorded beside it. Step time: the mean over the steps after the first ``--warmup`` ones, from the run's
-own log (its images/s; all ranks step together).
+own log (its images/s; all ranks step together). Model FLOPs per image (teacher forward + student forward and
+backward, counted as 3× its forward, attention matmuls included) come from ``torch.utils.flop_counter``; with
+them each case reports achieved TFLOP/s and, given ``--peak-tflops`` (the device's dense peak at the run's
+precision), model FLOPs utilisation.
 """
 from __future__ import annotations
 
@@ -128,6 +131,23 @@ def run_case(name: str, args: argparse.Namespace, teacher: Path, workdir: Path) 
             "images_per_s": global_batch / step_s, "ranks": ranks, "budget_log": budget}
 
 
+def stage2_flops_per_image(model: str, img_size: int) -> float:
+    """Teacher forward + student forward and backward (3× forward) for one image, in FLOPs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from adala.models import build_vfm
+
+    images = torch.zeros(1, 3, img_size, img_size)
+    total = 0.0
+    for attention, passes in (({"kind": "softmax"}, 1), ({"kind": "linear"}, 3)):
+        vit = build_vfm(model, img_size=img_size, attention=attention).eval()
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            vit.forward_features(images)
+        total += passes * counter.get_total_flops()
+    return total
+
+
 def write_results(results: list[dict[str, Any]], args: argparse.Namespace, out: Path) -> None:
     from bench.attention import device_name
 
@@ -135,7 +155,9 @@ def write_results(results: list[dict[str, Any]], args: argparse.Namespace, out: 
     stamp = {"device": device_name(device), "device_kind": device, "cpus": os.cpu_count(),
              "torch": torch.__version__, "date": datetime.date.today().isoformat(), "model": args.model,
              "img_size": args.img_size, "batch_per_rank": args.batch, "steps": args.steps, "warmup": args.warmup,
-             "precision": args.precision, "command": "python -m bench.memory " + " ".join(sys.argv[1:])}
+             "precision": args.precision, "peak_tflops": args.peak_tflops,
+             "stage2_gflops_per_image": results[0]["flops_per_image"] / 1e9 if results else None,
+             "command": "python -m bench.memory " + " ".join(sys.argv[1:])}
     out.mkdir(parents=True, exist_ok=True)
     (out / f"memory-{device}.json").write_text(json.dumps({**stamp, "results": results}, indent=2) + "\n")
     lines = [
@@ -143,15 +165,19 @@ def write_results(results: list[dict[str, Any]], args: argparse.Namespace, out: 
         f"{args.precision})", "",
         f"{stamp['device']} ({stamp['cpus']} CPUs), torch {stamp['torch']}, {stamp['date']}. "
         f"Command: `{stamp['command']}`.", "",
-        "| strategy | processes | step (s) | images/s | peak RSS per rank, training (GB) | RSS before step 1 (GB) |"
-        + (" peak CUDA allocated (GB) |" if device == "cuda" else ""),
-        "|---|---:|---:|---:|---|---|" + ("---|" if device == "cuda" else ""),
+        f"Stage-2 model FLOPs per image: {stamp['stage2_gflops_per_image']:.1f} GFLOP (teacher forward + 3× student "
+        "forward).", "",
+        "| strategy | processes | step (s) | images/s | TFLOP/s | MFU | peak RSS per rank, training (GB) | "
+        "RSS before step 1 (GB) |" + (" peak CUDA allocated (GB) |" if device == "cuda" else ""),
+        "|---|---:|---:|---:|---:|---:|---|---|" + ("---|" if device == "cuda" else ""),
     ]
     for r in results:
         peaks = " / ".join(f"{rank['peak_rss_gb']:.2f}" for rank in r["ranks"])
         bases = " / ".join(f"{rank['rss_before_training_gb']:.2f}" for rank in r["ranks"])
         cuda = " / ".join(f"{rank.get('peak_cuda_allocated_gb', 0):.2f}" for rank in r["ranks"])
-        lines.append(f"| {r['case']} | {r['processes']} | {r['step_s']:.2f} | {r['images_per_s']:.1f} | {peaks} | {bases} |"
+        mfu = f"{r['mfu'] * 100:.1f}%" if r.get("mfu") is not None else "n/a"
+        lines.append(f"| {r['case']} | {r['processes']} | {r['step_s']:.2f} | {r['images_per_s']:.2f} | "
+                     f"{r['achieved_tflops']:.3f} | {mfu} | {peaks} | {bases} |"
                      + (f" {cuda} |" if device == "cuda" else ""))
     lines += ["", "Budget logged by rank 0 at start-up (GB):", ""]
     lines += [f"- {r['case']}: {r['budget_log'][0] if r['budget_log'] else 'n/a'}" for r in results]
@@ -166,6 +192,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the device's dense peak at --precision, for MFU (e.g. 989 for an H100 SXM in bf16)")
     parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -188,9 +216,14 @@ def main(argv: list[str] | None = None) -> None:
         save_export(model.state_dict(), teacher, {"model": args.model, "img_size": args.img_size,
                                                   "attention": attention_config(model)})
         del model
+        flops = stage2_flops_per_image(args.model, args.img_size)
         results = []
         for name in args.cases:
-            results.append(run_case(name, args, teacher, Path(tmp)))
+            result = run_case(name, args, teacher, Path(tmp))
+            result["flops_per_image"] = flops
+            result["achieved_tflops"] = flops * result["images_per_s"] / 1e12
+            result["mfu"] = result["achieved_tflops"] / args.peak_tflops if args.peak_tflops else None
+            results.append(result)
             print(f"{name}: {results[-1]['step_s']:.2f} s/step, peak RSS "
                   + ", ".join(f"{r['peak_rss_gb']:.2f}" for r in results[-1]["ranks"]) + " GB", flush=True)
     write_results(results, args, args.out)
