@@ -79,10 +79,10 @@ class NonFiniteLossError(UserError):
 
 @dataclass
 class Trainer:
-    """The placed model and optimizer of a finished :func:`fit`, for export and evaluation."""
+    """What a finished :func:`fit` leaves: the placed (wrapped, sharded) model, for export and evaluation, and
+    the run's counters."""
 
     model: nn.Module
-    teacher: Optional[nn.Module]
     state: TrainState
 
 
@@ -171,7 +171,7 @@ def fit(
     finally:
         preemption.uninstall()
         logger.close()
-    return Trainer(model=model, teacher=teacher, state=state)
+    return Trainer(model=model, state=state)
 
 
 def _agree(loss: torch.Tensor, preempt_requested: bool) -> tuple[float, bool, bool]:
