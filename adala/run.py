@@ -62,7 +62,7 @@ def validate(cfg: Config) -> Config:
         if name not in TRANSFORMS:
             raise UserError(f"unknown {key} {name!r}; use one of {', '.join(TRANSFORMS)}")
     world_size = launched_world_size()
-    check_strategy(cfg.strategy, precision=cfg.train.precision)
+    check_strategy(cfg.strategy, precision=cfg.train.precision, device=cfg.train.device)
     check_data(cfg.data, mode=module.STREAM, world_size=world_size)
     if cfg.train.max_steps is None:
         if stage.epochs is None or cfg.data.train_samples is None:

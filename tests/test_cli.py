@@ -28,6 +28,13 @@ REPO = Path(__file__).resolve().parent.parent
         (["stage.batch_size=4"], "select it first"),
         (["stage=finetune_cls", "stage.optim.schedule=cosine"], "unknown lr schedule 'cosine'"),
         (["stage=finetune_cls", "data.eval_transform=nope"], "unknown eval_transform 'nope'"),
+        (["strategy=nope"], "unknown strategy 'nope'; choose one of: ddp, deepspeed, fsdp, single"),
+        (["stage=finetune_cls", "strategy.teacher=half"], "unknown strategy.teacher 'half'"),
+        (["stage=finetune_cls", "strategy=fsdp", "strategy.cpu_offload=true", "train.device=cpu"], "needs CUDA"),
+        (["stage=finetune_cls", "strategy=deepspeed", "strategy.zero_stage=1"], "strategy.zero_stage=1: use 2 or 3"),
+        (["stage=finetune_cls", "strategy=deepspeed", "strategy.deepspeed_config=/nonexistent.json"],
+         "strategy.deepspeed_config=/nonexistent.json"),
+        (["stage=finetune_cls", "train.precision=fp8"], "unknown precision 'fp8'"),
     ],
 )
 def test_bad_input_gives_one_line(args: list[str], expected: str, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

@@ -28,8 +28,11 @@ def _deepspeed() -> type[Strategy]:
 STRATEGIES = {"single": lambda: Strategy, "ddp": _ddp, "fsdp": _fsdp, "deepspeed": _deepspeed}
 
 
-def check_strategy(cfg: Any, *, precision: str) -> None:
-    """What a user can get wrong in ``strategy.*`` and ``train.precision``, before any process does work."""
+def check_strategy(cfg: Any, *, precision: str, device: str) -> None:
+    """What a user can get wrong in ``strategy.*``, ``train.precision`` and ``train.device``, before any process
+    does work."""
+    import torch
+
     from adala.engine.strategies.base import PRECISIONS, TEACHER_MODES
 
     if cfg.name not in STRATEGIES:
@@ -38,6 +41,12 @@ def check_strategy(cfg: Any, *, precision: str) -> None:
         raise UserError(f"unknown precision {precision!r}; use train.precision={' or '.join(PRECISIONS)}")
     if cfg.teacher not in TEACHER_MODES:
         raise UserError(f"unknown strategy.teacher {cfg.teacher!r}; use one of {', '.join(TEACHER_MODES)}")
+    on_cuda = device.startswith("cuda") or device == "auto" and torch.cuda.is_available()
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"train.device={device}, but CUDA is not available here; set train.device=cpu")
+    if cfg.cpu_offload and not on_cuda:
+        raise UserError("strategy.cpu_offload moves GPU state into host memory and needs CUDA; on the CPU "
+                        "everything is in host memory already: drop strategy.cpu_offload")
     if cfg.name == "deepspeed":
         import importlib.util
 
@@ -52,7 +61,7 @@ def check_strategy(cfg: Any, *, precision: str) -> None:
 
 def build_strategy(cfg: Any, *, device: str, precision: str, batch_size: int) -> Strategy:
     """The strategy ``cfg.name`` (a :class:`adala.config.StrategyConfig`); DeepSpeed is imported only when chosen."""
-    check_strategy(cfg, precision=precision)
+    check_strategy(cfg, precision=precision, device=device)
     return STRATEGIES[cfg.name]()(cfg, device=device, precision=precision, batch_size=batch_size)
 
 

@@ -17,7 +17,6 @@ from torch import nn
 from adala.engine import distributed
 from adala.engine.memory import MemoryBudget, tensor_bytes
 from adala.engine.optim import build_optimizer
-from adala.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +35,6 @@ class Strategy:
     def __init__(self, cfg: Any, *, device: str = "auto", precision: str = "fp32", batch_size: int = 1) -> None:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise UserError(f"device {device!r} asked for, but CUDA is not available; set train.device=cpu")
         self.cfg = cfg
         self.precision = precision
         self.batch_size = batch_size
