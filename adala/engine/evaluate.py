@@ -26,10 +26,11 @@ def evaluate(model: nn.Module, batches: Iterable[dict[str, Any]], metric: Any, *
             break
         if filler is None:  # the first iteration, on every rank
             filler = _borrow_batch(batch)
+        inputs = strategy.to_device(batch if batch is not None else filler)
         with strategy.autocast():
-            out = model(strategy.to_device(batch if batch is not None else filler))
+            out = model(inputs)
         if batch is not None:
-            metric.update(out.prediction.float(), strategy.to_device(batch))
+            metric.update(out.prediction.float(), inputs)
     metric.sync(distributed.all_reduce)
     model.train()
     return metric.compute()

@@ -18,7 +18,7 @@ from torch import nn
 from adala.attention import LinearAttention
 from adala.engine.loop import Batch, StageParts, StepOutput
 from adala.models import linearize, save_export
-from adala.stages.common import FrozenModule, export_metadata, frozen_teacher, strip_prefix
+from adala.stages.common import FrozenModule, all_parameters, export_metadata, frozen_teacher, strip_prefix
 
 FIELDS = ("image",)
 STREAM = "resampled"  # how it reads its training data: see adala.data.pipeline
@@ -28,8 +28,7 @@ class BlockProbe(FrozenModule):
     """The frozen teacher; ``forward`` returns, for every block, (attention input, attention output)."""
 
     def __init__(self, vit: nn.Module) -> None:
-        super().__init__()
-        self.vit = vit
+        super().__init__(vit)
         self._records: list[tuple[torch.Tensor, torch.Tensor]] = []
         for block in vit.blocks:
             block.attn.register_forward_hook(self._record)
@@ -72,7 +71,7 @@ def build(cfg: Any) -> StageParts:
 
     return StageParts(
         model=branches,
-        param_groups=lambda model: [{"params": [p for p in model.parameters() if p.requires_grad], "name": "qkv"}],
+        param_groups=all_parameters("qkv"),  # the optimizer keeps the trainable ones: each branch's Q/K/V
         export=export,
         teacher=BlockProbe(teacher),
     )

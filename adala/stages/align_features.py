@@ -25,10 +25,6 @@ STREAM = "resampled"  # how it reads its training data: see adala.data.pipeline
 class FeatureTeacher(FrozenModule):
     """The frozen teacher; ``forward`` returns its final token features (timm ``forward_features``)."""
 
-    def __init__(self, vit: nn.Module) -> None:
-        super().__init__()
-        self.vit = vit
-
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.vit.forward_features(images)
 

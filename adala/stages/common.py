@@ -16,7 +16,11 @@ def frozen_teacher(model_cfg: Any) -> nn.Module:
 
 
 class FrozenModule(nn.Module):
-    """Base of the teachers: never leaves eval mode (dropout, drop-path) and trains nothing."""
+    """Base of the teachers: wraps the frozen ViT, never leaves eval mode (dropout, drop-path), trains nothing."""
+
+    def __init__(self, vit: nn.Module) -> None:
+        super().__init__()
+        self.vit = vit
 
     def train(self, mode: bool = True) -> "FrozenModule":
         return super().train(False)

@@ -100,9 +100,10 @@ class Strategy:
         return "replicate" if chosen else "shard"
 
     def _shard_frozen(self, module: nn.Module) -> nn.Module:
-        from adala.engine.strategies.fsdp import shard_frozen
+        """Sharded like an FSDP student: each block is gathered for its forward and freed after it."""
+        from adala.engine.strategies.fsdp import shard
 
-        return shard_frozen(module, compute_dtype=self.compute_dtype)
+        return shard(module, self.compute_dtype)
 
     def _block_options(self, model: nn.Module) -> None:
         """Per-block activation checkpointing and ``torch.compile``, on every timm ViT inside ``model``."""

@@ -28,11 +28,6 @@ def shard(module: nn.Module, compute_dtype: Optional[torch.dtype], *, cpu_offloa
     return module
 
 
-def shard_frozen(module: nn.Module, *, compute_dtype: Optional[torch.dtype]) -> nn.Module:
-    """A frozen teacher sharded like the student; each block is gathered for its forward and freed after it."""
-    return shard(module, compute_dtype)
-
-
 class FSDPStrategy(Strategy):
     name = "fsdp"
     needs_process_group = True
