@@ -1,7 +1,8 @@
 """Command line: ``python -m adala [group=option ...] [key=value ...]``.
 
 With a stage (``stage=align_attention|align_features|finetune_cls|finetune_seg``) it trains that stage; with
-none it runs the built-in demo. ``--cfg`` prints the composed config and exits.
+none it runs the built-in demo. ``--cfg`` prints the composed config and exits; ``--check`` validates a stage's
+config (data, weights, checkpoints, strategy; for ``WORLD_SIZE`` processes) without building anything.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Optional, Sequence
 from adala.engine.preemption import REQUEUE_EXIT_CODE, Preempted
 from adala.errors import UserError
 
-USAGE = """usage: python -m adala [--cfg] [group=option ...] [key=value ...]
+USAGE = """usage: python -m adala [--cfg | --check] [group=option ...] [key=value ...]
 
 groups:  model=<name> attention=elu1|relu|softplus|exp|softmax data=<name> strategy=single|ddp|fsdp|deepspeed
          stage=align_attention|align_features|finetune_cls|finetune_seg   (none: the built-in demo)
@@ -29,7 +30,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(USAGE, end="")
         return 0
     show_config = "--cfg" in args
-    overrides = [a for a in args if a != "--cfg"]
+    check_only = "--check" in args
+    overrides = [a for a in args if a not in ("--cfg", "--check")]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         from adala.config import compose, to_yaml
@@ -37,6 +39,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg = compose(overrides)
         if show_config:
             print(to_yaml(cfg), end="")
+            return 0
+        if check_only:
+            from adala.run import validate
+
+            cfg = validate(cfg)
+            print(f"adala: config ok: stage {cfg.stage.name}, model {cfg.model.name}, "
+                  f"run_dir {cfg.run_dir}, {cfg.train.max_steps} steps")
             return 0
         if cfg.stage is None:
             from adala.demo import run_demo

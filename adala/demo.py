@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from adala.config import Config, compose, override, to_yaml
+from adala.config import Config, DemoConfig, compose, override, to_yaml
 from adala.data.demo_data import ensure_demo_shards
 from adala.data.demo_images import NUM_CLASSES, NUM_SEG_CLASSES
 from adala.data.demo_images import VERSION as DATA_VERSION
@@ -46,21 +46,17 @@ def run_demo(cfg: Config, overrides: Sequence[str] = ()) -> dict:
     run_dir = Path(cfg.run_dir or "runs/demo")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    counts = {"pretrain": demo.pretrain_samples, "finetune": demo.finetune_samples, "val": demo.val_samples}
-    cache = _cache_dir(demo.cache_dir) / f"demo-v{DATA_VERSION}-{_digest(counts)}"
-    shards = ensure_demo_shards(cache, counts)
+    shards, cache = demo_shards(demo)
+    recipe = demo_recipe(demo, shards)
     user = [o for o in overrides if not o.startswith(("stage=", "run_dir=", "demo.", "resume="))]
 
     def stage(name: str, subdir: str, *extra: str) -> StageResult:
         stage_cfg = compose([f"stage={name}", override("run_dir", run_dir / subdir), *user, *extra])
         return run_stage(stage_cfg)
 
-    teacher = _teacher(cache, shards, demo, user)
-    pretrain = [override("model.weights", teacher), override("data.train", shards['pretrain'])]
-    s1 = stage("align_attention", "s1_align_attention", *pretrain, f"train.max_steps={demo.align_attention_steps}",
-               f"stage.batch_size={demo.align_batch_size}", f"stage.optim.lr={demo.align_attention_lr}")
-    s2_args = (*pretrain, f"train.max_steps={demo.align_features_steps}", f"stage.batch_size={demo.align_batch_size}",
-               f"stage.optim.lr={demo.align_features_lr}")
+    teacher = _teacher(cache, recipe["teacher"], user)
+    s1 = stage("align_attention", "s1_align_attention", override("model.weights", teacher), *recipe["align_attention"])
+    s2_args = (override("model.weights", teacher), *recipe["align_features"])
     s2 = stage("align_features", "s2_align_features", *s2_args, override("stage.init", s1.export))
     s2_only = stage("align_features", "s2_without_s1", *s2_args)
 
@@ -72,12 +68,7 @@ def run_demo(cfg: Config, overrides: Sequence[str] = ()) -> dict:
         "s3_only": [override("model.weights", teacher)],
         "scratch_linear": [],  # random initialisation, linear attention, the same Stage-3 recipe
     }
-    finetune = [
-        override("data.train", shards["finetune"]), override("data.val", shards["val"]),
-        f"data.num_classes={NUM_CLASSES}", f"data.num_seg_classes={NUM_SEG_CLASSES}",
-        f"train.max_steps={demo.finetune_steps}", f"stage.batch_size={demo.finetune_batch_size}",
-        f"stage.optim.lr={demo.finetune_lr}",
-    ]
+    finetune = recipe["finetune"]
     report = {}
     for variant in VARIANTS:
         results = [stage(task, f"s3_{variant}_{task.split('_')[1]}", *finetune, *starts[variant])
@@ -105,17 +96,46 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _teacher(cache: Path, shards: dict[str, str], demo, user: list[str]) -> Path:
+def demo_shards(demo: DemoConfig) -> tuple[dict[str, str], Path]:
+    """Write the demo's data set as tar shards (cached by its sizes); returns the URLs of each split and the cache."""
+    counts = {"pretrain": demo.pretrain_samples, "finetune": demo.finetune_samples, "val": demo.val_samples}
+    cache = _cache_dir(demo.cache_dir) / f"demo-v{DATA_VERSION}-{_digest(counts)}"
+    return ensure_demo_shards(cache, counts), cache
+
+
+def demo_recipe(demo: DemoConfig, shards: dict[str, str]) -> dict[str, list[str]]:
+    """The overrides of each demo step: data, steps, batch sizes and learning rates; no weights and no run dirs.
+
+    Keys: ``teacher`` (a softmax ViT trained to classify the pretraining split; its backbone is the teacher),
+    ``align_attention``, ``align_features`` and ``finetune`` (for both Stage-3 tasks).
+    """
+    pretrain = override("data.train", shards["pretrain"])
+    return {
+        "teacher": [
+            "stage=finetune_cls", "attention=softmax", pretrain, override("data.val", shards["val"]),
+            f"data.num_classes={NUM_CLASSES}", f"train.max_steps={demo.teacher_steps}",
+            f"stage.batch_size={demo.teacher_batch_size}", f"stage.optim.lr={demo.teacher_lr}",
+            "stage.optim.backbone_lr_scale=1.0", "stage.optim.warmup_steps=50",
+        ],
+        "align_attention": [pretrain, f"train.max_steps={demo.align_attention_steps}",
+                            f"stage.batch_size={demo.align_batch_size}", f"stage.optim.lr={demo.align_attention_lr}"],
+        "align_features": [pretrain, f"train.max_steps={demo.align_features_steps}",
+                           f"stage.batch_size={demo.align_batch_size}", f"stage.optim.lr={demo.align_features_lr}"],
+        "finetune": [
+            override("data.train", shards["finetune"]), override("data.val", shards["val"]),
+            f"data.num_classes={NUM_CLASSES}", f"data.num_seg_classes={NUM_SEG_CLASSES}",
+            f"train.max_steps={demo.finetune_steps}", f"stage.batch_size={demo.finetune_batch_size}",
+            f"stage.optim.lr={demo.finetune_lr}",
+        ],
+    }
+
+
+def _teacher(cache: Path, recipe: list[str], user: list[str]) -> Path:
     """Train the softmax teacher once (classification on the pretraining split) and keep its backbone.
 
     The cache key is what determines the teacher's weights (model, stage, data, seed, steps, precision), so
     overrides such as ``train.progress`` reuse it."""
-    cfg = compose([
-        "stage=finetune_cls", "attention=softmax", *user,
-        override("data.train", shards["pretrain"]), override("data.val", shards["val"]), f"data.num_classes={NUM_CLASSES}",
-        f"train.max_steps={demo.teacher_steps}", f"stage.batch_size={demo.teacher_batch_size}",
-        f"stage.optim.lr={demo.teacher_lr}", "stage.optim.backbone_lr_scale=1.0", "stage.optim.warmup_steps=50",
-    ])
+    cfg = compose([*user, *recipe])
     train = cfg.train
     key = _digest([dataclasses.asdict(part) for part in (cfg.model, cfg.attention, cfg.stage, cfg.data)]
                   + [train.seed, train.max_steps, train.precision])

@@ -7,7 +7,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Collection, Iterable, Optional
 
 from adala.attention import get_kernel
 from adala.config import Config, StageConfig, to_yaml
@@ -29,8 +29,13 @@ class StageResult:
     metrics: dict[str, float]
 
 
-def validate(cfg: Config) -> Config:
-    """Check everything a user can get wrong before any model is built; fills in derived defaults."""
+def validate(cfg: Config, *, world_size: Optional[int] = None, pending: Collection[str] = ()) -> Config:
+    """Check everything a user can get wrong before any model is built; fills in derived defaults.
+
+    ``world_size`` is the number of processes the run will have (default: this launch's). ``pending`` names
+    files that an earlier job of a pipeline will write (a Stage-1 export that Stage 2 starts from): they are
+    not required to exist yet.
+    """
     from adala.data.pipeline import check_data
     from adala.data.transforms import TRANSFORMS
     from adala.engine.distributed import launched_world_size
@@ -50,7 +55,7 @@ def validate(cfg: Config) -> Config:
     except ValueError as err:
         raise UserError(str(err)) from None
     for key, path in (("model.weights", cfg.model.weights), ("stage.init", stage.init)):
-        if path is not None and not os.path.isfile(path):
+        if path is not None and path not in pending and not os.path.isfile(path):
             raise UserError(f"{key}={path}: file not found; point it at a weight file or an adala export")
     if stage.name in NEEDS_TEACHER_WEIGHTS and cfg.model.weights is None:
         raise UserError(f"stage {stage.name} aligns to a pretrained teacher; set model.weights=PATH to its weights")
@@ -61,7 +66,7 @@ def validate(cfg: Config) -> Config:
     for key, name in (("transform", cfg.data.train_transform or stage.transform), ("eval_transform", cfg.data.eval_transform)):
         if name not in TRANSFORMS:
             raise UserError(f"unknown {key} {name!r}; use one of {', '.join(TRANSFORMS)}")
-    world_size = launched_world_size()
+    world_size = world_size or launched_world_size()
     check_strategy(cfg.strategy, precision=cfg.train.precision, device=cfg.train.device)
     check_data(cfg.data, mode=module.STREAM, world_size=world_size)
     if cfg.train.max_steps is None:

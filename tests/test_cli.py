@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["model=nope"], "unknown model 'nope'; choose one of: clip_l, demo_tiny"),
+        (["model=nope"], "unknown model 'nope'; choose one of: clip_l, demo_small, demo_tiny"),
         (["stage=nope"], "unknown stage 'nope'; choose one of: align_attention"),
         (["attention=nope"], "unknown attention 'nope'; choose one of: elu1, exp, relu, softmax, softplus"),
         (["train.nope=1"], "unknown config key 'train.nope'"),

@@ -164,10 +164,10 @@ def fit(
                 if state.step % cfg.save_every == 0 or state.step == cfg.max_steps:
                     checkpoints.save(state.step)
                     if preempt:
-                        raise Preempted(state.step, checkpoints.directory / f"step-{state.step}")
+                        raise Preempted(state.step, checkpoints.directory / f"step-{state.step}", preemption.signum)
                     continue
             if preempt:
-                raise Preempted(state.step, checkpoints.save(state.step))
+                raise Preempted(state.step, checkpoints.save(state.step), preemption.signum)
     finally:
         preemption.uninstall()
         logger.close()

@@ -20,10 +20,11 @@ REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: a temporary failure; run the same command
 class Preempted(Exception):
     """Raised by the loop after the preemption checkpoint is written."""
 
-    def __init__(self, step: int, checkpoint: Any) -> None:
+    def __init__(self, step: int, checkpoint: Any, signum: Optional[int] = None) -> None:
         super().__init__(f"preempted: saved {checkpoint} at step {step}; run the same command with resume=auto to continue")
         self.step = step
         self.checkpoint = checkpoint
+        self.signum = signum  # the signal this process received; None when only another rank received one
 
 
 class PreemptionFlag:
@@ -31,6 +32,7 @@ class PreemptionFlag:
 
     def __init__(self) -> None:
         self.requested = False
+        self.signum: Optional[int] = None
         self._previous: dict[int, Any] = {}
 
     def install(self) -> "PreemptionFlag":
@@ -49,4 +51,5 @@ class PreemptionFlag:
     def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
         if not self.requested:
             log.warning("received %s: saving at the next step boundary, then exiting for requeue", signal.Signals(signum).name)
+            self.signum = signum
         self.requested = True

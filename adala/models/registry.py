@@ -88,6 +88,18 @@ _SPECS = [
         description="tiny ViT for the built-in demo (64 wide, 4 blocks, 4 heads, 4×4 patches)",
         timm_kwargs=dict(patch_size=4, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0),
     ),
+    VFMSpec(
+        name="demo_small",
+        timm_id="vit_tiny_patch16_224",
+        alpha=1.0,
+        align_features_epochs=1,
+        mean=HALF,
+        std=HALF,
+        patch_size=4,
+        img_size=32,
+        description="a second small demo ViT, for sweeps over several models (96 wide, 3 blocks, 6 heads, 4×4 patches)",
+        timm_kwargs=dict(patch_size=4, embed_dim=96, depth=3, num_heads=6, mlp_ratio=2.0),
+    ),
 ]
 
 VFMS: dict[str, VFMSpec] = {spec.name: spec for spec in _SPECS}
