@@ -105,6 +105,7 @@ class DemoConfig:
     pretrain_samples: int = 20000
     finetune_samples: int = 2000
     val_samples: int = 1000
+    samples_per_shard: int = 1000  # smaller shards let more ranks and workers read a split in epoch mode
     teacher_steps: int = 500
     teacher_batch_size: int = 64
     teacher_lr: float = 1e-3

@@ -99,20 +99,21 @@ def format_table(report: dict) -> str:
 def demo_shards(demo: DemoConfig) -> tuple[dict[str, str], Path]:
     """Write the demo's data set as tar shards (cached by its sizes); returns the URLs of each split and the cache."""
     counts = {"pretrain": demo.pretrain_samples, "finetune": demo.finetune_samples, "val": demo.val_samples}
-    cache = _cache_dir(demo.cache_dir) / f"demo-v{DATA_VERSION}-{_digest(counts)}"
-    return ensure_demo_shards(cache, counts), cache
+    key = {**counts, "per_shard": demo.samples_per_shard}
+    cache = _cache_dir(demo.cache_dir) / f"demo-v{DATA_VERSION}-{_digest(key)}"
+    return ensure_demo_shards(cache, counts, per_shard=demo.samples_per_shard), cache
 
 
 def demo_recipe(demo: DemoConfig, shards: dict[str, str]) -> dict[str, list[str]]:
     """The overrides of each demo step: data, steps, batch sizes and learning rates; no weights and no run dirs.
 
-    Keys: ``teacher`` (a softmax ViT trained to classify the pretraining split; its backbone is the teacher),
+    Keys: ``teacher`` (``stage=finetune_cls`` of a softmax ViT on the pretraining split; its backbone is the teacher),
     ``align_attention``, ``align_features`` and ``finetune`` (for both Stage-3 tasks).
     """
     pretrain = override("data.train", shards["pretrain"])
     return {
-        "teacher": [
-            "stage=finetune_cls", "attention=softmax", pretrain, override("data.val", shards["val"]),
+        "teacher": [  # for stage=finetune_cls
+            "attention=softmax", pretrain, override("data.val", shards["val"]),
             f"data.num_classes={NUM_CLASSES}", f"train.max_steps={demo.teacher_steps}",
             f"stage.batch_size={demo.teacher_batch_size}", f"stage.optim.lr={demo.teacher_lr}",
             "stage.optim.backbone_lr_scale=1.0", "stage.optim.warmup_steps=50",
@@ -135,7 +136,7 @@ def _teacher(cache: Path, recipe: list[str], user: list[str]) -> Path:
 
     The cache key is what determines the teacher's weights (model, stage, data, seed, steps, precision), so
     overrides such as ``train.progress`` reuse it."""
-    cfg = compose([*user, *recipe])
+    cfg = compose(["stage=finetune_cls", *user, *recipe])
     train = cfg.train
     key = _digest([dataclasses.asdict(part) for part in (cfg.model, cfg.attention, cfg.stage, cfg.data)]
                   + [train.seed, train.max_steps, train.precision])
