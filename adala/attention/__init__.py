@@ -1,6 +1,11 @@
-"""Linear attention: φ kernels, the functional form and a drop-in module for timm ViTs."""
+"""Linear attention: φ kernels, the functional form (reference and fused Triton fast path) and a drop-in module
+for timm ViTs."""
+from adala.attention.fast import FAST_KERNELS, IMPLS, attention, fast_linear_attention
 from adala.attention.kernels import KERNELS, get_kernel
 from adala.attention.linear import DEFAULT_EPS, linear_attention
 from adala.attention.module import LinearAttention
 
-__all__ = ["KERNELS", "DEFAULT_EPS", "LinearAttention", "get_kernel", "linear_attention"]
+__all__ = [
+    "DEFAULT_EPS", "FAST_KERNELS", "IMPLS", "KERNELS", "LinearAttention", "attention", "fast_linear_attention",
+    "get_kernel", "linear_attention",
+]

@@ -6,6 +6,8 @@ The 1/N cancels in the ratio but keeps S and z bounded as N grows. Cost is O(N d
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from adala.attention.kernels import SHIFTS, get_kernel
@@ -33,7 +35,7 @@ def linear_attention(
         )
     phi = get_kernel(kernel)
     out_dtype = v.dtype
-    with torch.autocast(device_type=q.device.type, enabled=False):
+    with _autocast_off(q.device):
         q, k = q.float(), k.float()
         fq = phi(q, False)
         fk = phi(k, True)
@@ -47,3 +49,10 @@ def linear_attention(
         denominator = torch.matmul(fq, normaliser.unsqueeze(-1))  # (b, h, n, 1)
         out = numerator / (denominator + eps)
     return out.to(out_dtype)
+
+
+def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
+    # Devices without autocast (meta, used to count FLOPs without computing) have nothing to switch off.
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()

@@ -2,6 +2,11 @@
 
 It keeps timm's parameter names (``qkv``, ``q_norm``, ``k_norm``, ``norm``, ``proj``), so a softmax block's
 state dict loads into it unchanged and a linearized model saves with timm key names.
+
+``impl`` picks the implementation (see :mod:`adala.attention.fast`): ``"auto"`` runs the fused Triton kernels on
+CUDA (kernels elu1, relu, softplus) and the reference :func:`~adala.attention.linear.linear_attention` elsewhere;
+``"reference"`` forces the reference, ``"triton"`` the kernels. None (the default) reads the environment variable
+``ADALA_LINEAR_ATTENTION`` when the module is built, ``"auto"`` when unset; ``module.impl`` may be changed later.
 """
 from __future__ import annotations
 
@@ -11,8 +16,9 @@ from typing import Optional
 import torch
 from torch import nn
 
+from adala.attention.fast import attention, resolve_impl
 from adala.attention.kernels import get_kernel
-from adala.attention.linear import DEFAULT_EPS, linear_attention
+from adala.attention.linear import DEFAULT_EPS
 
 
 class LinearAttention(nn.Module):
@@ -28,6 +34,7 @@ class LinearAttention(nn.Module):
         kernel: str = "elu1",
         eps: float = DEFAULT_EPS,
         proj_drop: float = 0.0,
+        impl: Optional[str] = None,
     ) -> None:
         super().__init__()
         get_kernel(kernel)  # fail at construction, not on the first forward
@@ -37,6 +44,7 @@ class LinearAttention(nn.Module):
         self.attn_dim = num_heads * head_dim
         self.kernel = kernel
         self.eps = eps
+        self.impl = resolve_impl(impl)
         self.qkv = nn.Linear(dim, self.attn_dim * 3, bias=qkv_bias)
         self.q_norm: nn.Module = nn.Identity()
         self.k_norm: nn.Module = nn.Identity()
@@ -45,7 +53,9 @@ class LinearAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     @classmethod
-    def from_softmax(cls, attn: nn.Module, *, kernel: str = "elu1", eps: float = DEFAULT_EPS) -> "LinearAttention":
+    def from_softmax(
+        cls, attn: nn.Module, *, kernel: str = "elu1", eps: float = DEFAULT_EPS, impl: Optional[str] = None
+    ) -> "LinearAttention":
         """Build a linear attention with a copy of ``attn``'s weights (a timm ``Attention``)."""
         if getattr(attn, "gate", None) is not None:
             raise ValueError("gated timm attention is not supported by LinearAttention")
@@ -60,6 +70,7 @@ class LinearAttention(nn.Module):
                 kernel=kernel,
                 eps=eps,
                 proj_drop=attn.proj_drop.p,
+                impl=impl,
             )
         for name in ("q_norm", "k_norm", "norm"):
             setattr(module, name, copy.deepcopy(getattr(attn, name)))
@@ -80,11 +91,13 @@ class LinearAttention(nn.Module):
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        x = linear_attention(q, k, v, kernel=self.kernel, eps=self.eps)
+        x = attention(q, k, v, kernel=self.kernel, eps=self.eps, impl=self.impl)
         x = x.transpose(1, 2).reshape(b, n, self.attn_dim)
         x = self.norm(x)
         return self.proj_drop(self.proj(x))
 
     def extra_repr(self) -> str:
-        return f"heads={self.num_heads}, head_dim={self.head_dim}, kernel={self.kernel}, eps={self.eps:g}"
+        return (
+            f"heads={self.num_heads}, head_dim={self.head_dim}, kernel={self.kernel}, eps={self.eps:g}, impl={self.impl}"
+        )
 
