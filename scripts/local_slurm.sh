@@ -39,6 +39,9 @@ ClusterName=adala-local
 SlurmctldHost=$host(127.0.0.1)
 SlurmUser=root
 AuthType=auth/munge
+# A requeued job may start again cred_expire seconds after its requeue (default 120).
+AuthInfo=cred_expire=10
+EnforcePartLimits=ALL
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres

@@ -1,0 +1,51 @@
+"""Talking to the SLURM cluster the launcher tests run on (``scripts/local_slurm.sh up`` starts one)."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def require_cluster() -> None:
+    """Skip unless a SLURM controller answers and a node is up."""
+    if shutil.which("sinfo") is None:
+        pytest.skip("no SLURM here; start a one-node cluster with `bash scripts/local_slurm.sh up` (as root)")
+    out = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=30)
+    if out.returncode != 0 or not set(out.stdout.split()) & {"idle", "mix", "alloc"}:
+        pytest.skip(f"the SLURM cluster does not answer or has no node up: {out.stderr.strip() or out.stdout.strip()}")
+
+
+def job_env() -> dict[str, str]:
+    """What a job needs to run this checkout: sbatch passes the submitting environment on."""
+    return {**os.environ, "ADALA_PYTHON": sys.executable, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+def job_info(job_id: str) -> dict[str, str]:
+    """``scontrol show job`` as a dict; empty once the controller has forgotten the job."""
+    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True)
+    if out.returncode != 0:
+        return {}
+    return dict(field.split("=", 1) for field in out.stdout.split() if "=" in field)
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.5)
+
+
+def wait_done(job_id: str, timeout: float) -> dict[str, str]:
+    """Wait until the job has ended; returns its last ``scontrol`` record."""
+    wait_for(lambda: job_info(job_id).get("JobState") in {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"},
+             timeout, f"job {job_id} to end")
+    return job_info(job_id)
