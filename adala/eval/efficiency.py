@@ -37,6 +37,8 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch import nn
 
+from adala.attention import LinearAttention
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Dense (no sparsity) peak TFLOP/s by device-name fragment, first match wins. fp32 is the CUDA-core rate: torch
 # runs fp32 matmuls in IEEE fp32 unless TF32 is switched on (then pass the TF32 peak, e.g. 495 on an H100 SXM).
@@ -96,18 +98,15 @@ def count_flops(build: Callable[[], nn.Module], img_size: int) -> dict[str, floa
         if name.endswith(".attn"):
             attention += flops - per_module.get(f"{name}.qkv", 0) - per_module.get(f"{name}.proj", 0)
     total = counter.get_total_flops()
-    sdpa = sum(count for op, count in counter.get_flop_counts()["Global"].items() if _is_sdpa(op, model))
+    softmax = not all(isinstance(block.attn, LinearAttention) for block in model.blocks)
+    sdpa = sum(count for op, count in counter.get_flop_counts()["Global"].items() if _is_sdpa(str(op), softmax))
     return {"total": float(total), "attention": float(attention), "fvcore_style": float(total - sdpa) / 2}
 
 
-def _is_sdpa(op: Any, model: nn.Module) -> bool:
+def _is_sdpa(op: str, softmax: bool) -> bool:
     # On the meta device SDPA runs as its math decomposition (bmm); timm's ViTs use bmm nowhere else, and linear
-    # attention calls torch.matmul, which fvcore does count.
-    from adala.attention import LinearAttention
-
-    uses_softmax = not all(isinstance(block.attn, LinearAttention) for block in model.blocks)
-    name = str(op)
-    return "scaled_dot_product" in name or (uses_softmax and name == "aten.bmm")
+    # attention's torch.matmul calls (also bmm) are ops fvcore does count.
+    return "scaled_dot_product" in op or (softmax and op == "aten.bmm")
 
 
 def attention_flops(kind: str, tokens: int, width: int, head_dim: int, depth: int) -> float:
