@@ -1,0 +1,189 @@
+"""Ray Train: every stage job of a pipeline as one ``TorchTrainer`` run; several models' pipelines at once.
+
+A job's workers run :func:`train_worker`, an ordinary stage run (``run_stage``) inside the process group Ray Train
+set up. The job's overrides carry ``resume=auto``, so when a worker dies and Ray Train restarts the worker group
+(``FailureConfig(max_failures)``), the new workers continue from the latest complete checkpoint in the job's run
+directory: adala's own checkpoints, not Ray's.
+
+Each model's jobs run one after another in a driver thread of their own; the threads share the cluster, and a
+model whose job fails skips the jobs that need it without stopping the other models. Ray is imported inside the
+functions that use it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+from adala.errors import UserError
+from adala.launch.pipeline import Job
+
+log = logging.getLogger(__name__)
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+@dataclass(frozen=True)
+class Workers:
+    """The workers of every trainer: how many, and what each holds."""
+
+    count: int
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+
+    @property
+    def per_worker(self) -> dict[str, float]:
+        return {"CPU": self.cpus_per_worker, **({"GPU": 1.0} if self.use_gpu else {})}
+
+    def runs_that_fit(self, cluster: dict[str, float]) -> int:
+        """How many trainers the cluster holds at once; 0 when not even one fits."""
+        return int(min(cluster.get(key, 0.0) // (amount * self.count) for key, amount in self.per_worker.items()))
+
+
+@dataclass
+class JobOutcome:
+    job: str
+    status: str  # completed | failed | skipped
+    error: Optional[str] = None
+
+
+@dataclass
+class ModelOutcome:
+    model: str
+    jobs: list[JobOutcome] = field(default_factory=list)
+
+    @property
+    def failure(self) -> Optional[JobOutcome]:
+        """The first job that failed (its dependents are skipped), or None when every job completed."""
+        return next((j for j in self.jobs if j.status == "failed"), None)
+
+    @property
+    def status(self) -> str:
+        failed = self.failure
+        return "completed" if failed is None else f"failed: {failed.job}: {failed.error}"
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """One Ray Train worker of one stage job: the stage run, then the final metrics to Ray Train.
+
+    Ray Train starts the workers in its own directory; relative paths in the overrides are the launcher's, so
+    the worker moves to the launcher's directory first.
+    """
+    import ray.train
+
+    from adala.config import compose
+    from adala.run import run_stage
+
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    if os.path.isdir(config["cwd"]):
+        os.chdir(config["cwd"])
+    result = run_stage(compose(config["overrides"]))
+    ray.train.report({"steps": result.steps, **result.metrics})
+
+
+@contextmanager
+def connect(address: Optional[str]) -> Iterator[dict[str, float]]:
+    """Join the Ray cluster at ``address`` (``auto``: the one running on this machine), or start a local one with
+    this machine's CPUs and GPUs when None; yields its resources and disconnects (stopping a local one) at exit."""
+    import ray
+
+    try:
+        ray.init(address=address or "local")
+    except ConnectionError as err:
+        raise UserError(f"--address {address}: cannot connect to a Ray cluster there ({one_line(err)}; a cluster "
+                        "with token authentication also needs RAY_AUTH_MODE=token here)") from None
+    try:
+        yield ray.cluster_resources()
+    finally:
+        ray.shutdown()
+
+
+def check_capacity(workers: Workers, cluster: dict[str, float]) -> None:
+    """Refuse a trainer the connected cluster can never place (``cluster``: ``ray.cluster_resources()``)."""
+    for key, amount in workers.per_worker.items():
+        needed, present = amount * workers.count, cluster.get(key, 0.0)
+        if needed > present:
+            raise UserError(f"{workers.count} workers need {needed:g} {key} ({amount:g} each) but the Ray cluster "
+                            f"has {present:g}; lower --workers or add nodes")
+
+
+def cluster_has_gpus(cluster: dict[str, float]) -> bool:
+    return cluster.get("GPU", 0.0) > 0
+
+
+def run_job(job: Job, workers: Workers, *, storage: Path, max_failures: int) -> None:
+    """Train one job as a ``TorchTrainer`` run; raises when it still fails after ``max_failures`` restarts."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    overrides = job.overrides if workers.use_gpu else ["train.device=cpu", *job.overrides]  # later overrides win
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"overrides": overrides, "cwd": os.getcwd()},
+        scaling_config=ScalingConfig(num_workers=workers.count, use_gpu=workers.use_gpu,
+                                     resources_per_worker=workers.per_worker),
+        run_config=RunConfig(name=f"{job.model}-{job.step}", storage_path=str(storage),
+                             failure_config=FailureConfig(max_failures=max_failures)),
+    )
+    trainer.fit()
+
+
+Runner = Callable[[Job], None]
+
+
+def run_model(jobs: Sequence[Job], runner: Runner, report: Callable[[str], None] = print) -> ModelOutcome:
+    """One model's jobs in order; a job whose dependency did not complete is skipped, the others still run."""
+    outcome = ModelOutcome(model=jobs[0].model)
+    done: set[str] = set()
+    for job in jobs:
+        missing = [dep.name for dep in job.after if dep.name not in done]
+        if missing:
+            outcome.jobs.append(JobOutcome(job.name, "skipped", f"needs {missing[0]}, which did not complete"))
+            continue
+        report(f"{job.name}: started")
+        try:
+            runner(job)
+        except Exception as err:  # a failed job is reported in the results, and the other models go on
+            reason = one_line(err)
+            report(f"{job.name}: failed: {reason}")
+            outcome.jobs.append(JobOutcome(job.name, "failed", reason))
+            continue
+        report(f"{job.name}: completed")
+        done.add(job.name)
+        outcome.jobs.append(JobOutcome(job.name, "completed"))
+    return outcome
+
+
+def run_models(jobs: Sequence[Job], runner: Runner, *, parallel: int,
+               report: Callable[[str], None] = print) -> dict[str, ModelOutcome]:
+    """Every model's pipeline, ``parallel`` models at a time (one driver thread each); keyed by model."""
+    by_model: dict[str, list[Job]] = {}
+    for job in jobs:
+        by_model.setdefault(job.model, []).append(job)
+    lock = threading.Lock()
+
+    def locked_report(line: str) -> None:
+        with lock:
+            report(line)
+
+    with ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="ray-sweep") as pool:
+        futures = {model: pool.submit(run_model, model_jobs, runner, locked_report)
+                   for model, model_jobs in by_model.items()}
+        return {model: future.result() for model, future in futures.items()}
+
+
+def one_line(err: BaseException) -> str:
+    """A failure in one line: the workers' own error when Ray Train wraps one, else the error's last line."""
+    failures = getattr(err, "worker_failures", None)  # ray.train.WorkerGroupError: rank -> the worker's error
+    if failures:
+        err = failures[min(failures)]
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    text = lines[-1] if lines else type(err).__name__
+    if type(err).__name__ not in text:
+        text = f"{type(err).__name__}: {text}"
+    return text[:300]
