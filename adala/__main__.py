@@ -6,12 +6,12 @@ config (data, weights, checkpoints, strategy; for ``WORLD_SIZE`` processes) with
 """
 from __future__ import annotations
 
-import logging
 import sys
 from typing import Optional, Sequence
 
 from adala.engine.preemption import REQUEUE_EXIT_CODE, Preempted
 from adala.errors import UserError
+from adala.logs import configure_logging
 
 USAGE = """usage: python -m adala [--cfg | --check] [group=option ...] [key=value ...]
 
@@ -32,7 +32,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     show_config = "--cfg" in args
     check_only = "--check" in args
     overrides = [a for a in args if a not in ("--cfg", "--check")]
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     try:
         from adala.config import compose, to_yaml
 

@@ -11,6 +11,8 @@ from typing import Callable
 
 import pytest
 
+from adala.launch.slurm import job_state
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -28,14 +30,6 @@ def job_env() -> dict[str, str]:
     return {**os.environ, "ADALA_PYTHON": sys.executable, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
-def job_info(job_id: str) -> dict[str, str]:
-    """``scontrol show job`` as a dict; empty once the controller has forgotten the job."""
-    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True)
-    if out.returncode != 0:
-        return {}
-    return dict(field.split("=", 1) for field in out.stdout.split() if "=" in field)
-
-
 def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -46,6 +40,6 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
 
 def wait_done(job_id: str, timeout: float) -> dict[str, str]:
     """Wait until the job has ended; returns its last ``scontrol`` record."""
-    wait_for(lambda: job_info(job_id).get("JobState") in {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"},
+    wait_for(lambda: job_state(job_id).get("JobState") in {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"},
              timeout, f"job {job_id} to end")
-    return job_info(job_id)
+    return job_state(job_id)

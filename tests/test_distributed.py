@@ -15,7 +15,6 @@ import torch
 import distributed_run
 from adala.config import compose, override
 from adala.engine.checkpoint import COMPLETE_MARKER, read_manifest
-from adala.engine.preemption import REQUEUE_EXIT_CODE
 from adala.models.weights import read_state_dict
 from adala.run import run_stage
 

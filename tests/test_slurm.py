@@ -11,7 +11,8 @@ import torch
 
 from adala.engine.checkpoint import latest_checkpoint
 from adala.models.weights import read_state_dict
-from tests.slurm_cluster import REPO, job_env, job_info, require_cluster, wait_done, wait_for
+from adala.launch.slurm import job_state
+from tests.slurm_cluster import REPO, job_env, require_cluster, wait_done, wait_for
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -72,7 +73,7 @@ def test_requeue_and_time_limit_warning_resume_to_the_same_weights(uninterrupted
     # 1. The operator requeues the running job: SLURM sends SIGTERM, the ranks save, the job starts again.
     wait_for(lambda: (checkpoints / "step-10" / "COMPLETE").is_file(), 300, "the first checkpoint")
     subprocess.run(["scontrol", "requeue", job], check=True)
-    wait_for(lambda: job_info(job).get("Restarts") == "1" and job_info(job).get("JobState") == "RUNNING", 300,
+    wait_for(lambda: job_state(job).get("Restarts") == "1" and job_state(job).get("JobState") == "RUNNING", 300,
              "the job to run again after the requeue")
     first_stop = latest_checkpoint(checkpoints)
     assert first_stop is not None
@@ -106,3 +107,34 @@ def test_more_gpus_than_the_partition_has_is_refused_at_submission(cluster, tmp_
     out = subprocess.run(["sbatch", "--gpus-per-node=64", str(REPO / "slurm" / "stage2.sh")], env=job_env(),
                          cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode != 0 and "not available" in out.stderr
+
+
+def test_submitit_job_saves_and_requeues_through_checkpoint(uninterrupted, demo_shards, random_teacher,
+                                                            tmp_path) -> None:
+    """The signal submitit asks SLURM for (``--signal=USR2@...``, to every task): the ranks save, submitit calls
+    ``StageJob.checkpoint()`` and requeues, and the requeued job ends with the uninterrupted run's weights."""
+    import submitit
+
+    from adala.launch.submitit_job import StageJob
+
+    run_dir = tmp_path / "run"
+    executor = submitit.AutoExecutor(folder=tmp_path / "submitit")
+    executor.update_parameters(nodes=1, tasks_per_node=2, gpus_per_node=2, cpus_per_task=1, mem_gb=4, timeout_min=30,
+                               slurm_additional_parameters={"requeue": True})
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in job_env().items():
+            env.setenv(key, value)
+        job = executor.submit(StageJob(stage2_overrides(demo_shards, random_teacher, run_dir)
+                                       + ["stage=align_features", "resume=auto"]))
+    wait_for(lambda: (run_dir / "checkpoints" / "step-10" / "COMPLETE").is_file(), 300, "the first checkpoint")
+    subprocess.run(["scancel", "--signal=USR2", job.job_id], check=True)
+    result = job.results()[0]  # rank 0's; waits, and raises if the job failed
+    info = wait_done(job.job_id, timeout=120)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1"
+    assert "resumed from" in Path(job.paths.stderr).read_text()
+    assert Path(result["export"]) == run_dir / "export" / "model.safetensors" and result["steps"] == STEPS
+    assert logged_steps(run_dir) == logged_steps(uninterrupted)
+    final = read_state_dict(run_dir / "export" / "model.safetensors")
+    reference = read_state_dict(uninterrupted / "export" / "model.safetensors")
+    for key in reference:
+        torch.testing.assert_close(final[key], reference[key], atol=1e-6, rtol=0, msg=key)

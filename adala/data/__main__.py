@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from adala.errors import UserError
+from adala.logs import configure_logging
 
 SIZE = re.compile(r"^(\d+(?:\.\d+)?)([KMGT]?)B?$", re.IGNORECASE)
 
@@ -46,7 +47,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     from adala.data.sources import list_source
     from adala.data.writer import WriteOptions, write_listing
 

@@ -20,6 +20,7 @@ from types import FrameType
 from typing import Optional, Sequence
 
 from adala.errors import UserError
+from adala.logs import configure_logging
 
 log = logging.getLogger("adala.slurm")
 
@@ -74,7 +75,7 @@ class SignalForwarder:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     job_id = os.environ.get("SLURM_JOB_ID")
     if not args or job_id is None:
         print("usage: sbatch slurm/stage<N>.sh [overrides ...]   (python -m adala.launch.slurm_job STAGE [overrides])",
