@@ -48,7 +48,12 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
                         help=f"time limits in minutes, default {' '.join(f'{k}={v}' for k, v in DEFAULT_MINUTES.items())}")
     parser.add_argument("--signal-delay", type=int, default=300, help="seconds before the time limit to save and requeue")
     parser.add_argument("overrides", nargs="*", help="[SCOPE:]key=value Hydra overrides")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for option in ("models", "tasks"):  # `--models a b key=value`: the overrides after a list are not names
+        names = getattr(args, option) or []
+        setattr(args, option, [n for n in names if "=" not in n] or None)
+        args.overrides = [n for n in names if "=" in n] + args.overrides
+    return args
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

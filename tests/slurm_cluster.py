@@ -17,12 +17,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def require_cluster() -> None:
-    """Skip unless a SLURM controller answers and a node is up."""
+    """Skip unless a SLURM controller answers and a node is up (fail instead with ADALA_REQUIRE_SLURM=1)."""
+    missing = pytest.fail if os.environ.get("ADALA_REQUIRE_SLURM") == "1" else pytest.skip
     if shutil.which("sinfo") is None:
-        pytest.skip("no SLURM here; start a one-node cluster with `bash scripts/local_slurm.sh up` (as root)")
+        missing("no SLURM here; start a one-node cluster with `bash scripts/local_slurm.sh up` (as root)")
     out = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=30)
     if out.returncode != 0 or not set(out.stdout.split()) & {"idle", "mix", "alloc"}:
-        pytest.skip(f"the SLURM cluster does not answer or has no node up: {out.stderr.strip() or out.stdout.strip()}")
+        missing(f"the SLURM cluster does not answer or has no node up: {out.stderr.strip() or out.stdout.strip()}")
 
 
 def job_env() -> dict[str, str]:
