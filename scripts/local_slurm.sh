@@ -41,6 +41,8 @@ SlurmUser=root
 AuthType=auth/munge
 # A requeued job may start again cred_expire seconds after its requeue (default 120).
 AuthInfo=cred_expire=10
+# Look for startable jobs every 2 s (default 60): requeued jobs and dependents start promptly.
+SchedulerParameters=sched_interval=2,bf_interval=2
 EnforcePartLimits=ALL
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
