@@ -1,0 +1,191 @@
+"""launchers/ray_sweep.py on a real local Ray cluster: two demo VFMs with FSDP on 2 workers each, a killed worker
+resumed from its checkpoint, the results table; and bad input refused before anything starts."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import psutil
+import pytest
+import yaml
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parent.parent
+SWEEP = str(REPO / "launchers" / "ray_sweep.py")
+RAY = str(Path(sys.executable).with_name("ray"))
+TEACHER_STEPS = 24
+TINY = [
+    "demo.pretrain_samples=256", "demo.finetune_samples=128", "demo.val_samples=64", "demo.samples_per_shard=16",
+    f"demo.teacher_steps={TEACHER_STEPS}", "demo.align_attention_steps=10", "demo.align_features_steps=10",
+    "demo.finetune_steps=10", "demo.align_batch_size=8", "demo.finetune_batch_size=8", "demo.teacher_batch_size=8",
+    "teacher:train.save_every=4", "train.log_every=1", "train.progress=false",
+]
+CLUSTER_CPUS = 4
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """One thread per process, this checkout on the path, a demo cache of its own; for the private test cluster no
+    Ray token, no preemption watcher (one process less per run; nothing preempts here) and a short drain at stop."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "ADALA_CACHE": str(tmp_path_factory.mktemp("cache")),
+            "RAY_AUTH_MODE": "disabled", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "2"}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory, env: dict[str, str]) -> Iterator[str]:
+    """A one-node Ray cluster with 4 CPUs, started by ``ray start --block`` and stopped through that process (it
+    drains the node and stops what it started): only this cluster, whatever else runs on the machine."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("ray_start") / "ray_start.log"
+    with log.open("w") as out:
+        head = subprocess.Popen(
+            [RAY, "start", "--head", "--block", f"--num-cpus={CLUSTER_CPUS}", "--num-gpus=0", f"--port={port}",
+             f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+             "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={tmp_path_factory.mktemp('ray')}"],
+            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        wait_for(lambda: "Ray runtime started" in log.read_text(), head, "the Ray cluster to start", timeout=120)
+        yield f"127.0.0.1:{port}"
+    finally:
+        stop_group(head)
+
+
+def stop_group(process: subprocess.Popen) -> None:
+    """SIGTERM to ``process``, then SIGKILL to whatever is left in the process group it leads."""
+    process.terminate()
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(condition: Callable[[], bool], process: subprocess.Popen, what: str, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert process.poll() is None, f"the process ended before {what}"
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def sweep_command(root: Path, *args: str) -> list[str]:
+    return [sys.executable, SWEEP, "--root", str(root), *args]
+
+
+def rank0_worker(run_dir: Path) -> psutil.Process:
+    """The Ray Train worker process that writes ``run_dir``'s log (rank 0 of that run)."""
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            if "RayTrainWorker" in " ".join(process.info["cmdline"] or ()) and any(
+                    f.path.startswith(str(run_dir)) for f in process.open_files()):
+                return process
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    raise AssertionError(f"no RayTrainWorker process has a file of {run_dir} open")
+
+
+def logged_steps(run_dir: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+def test_demo_sweep_resumes_a_killed_worker_and_writes_results(cluster: str, env: dict[str, str], tmp_path: Path) -> None:
+    root = tmp_path / "sweep"
+    stdout, stderr = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+    with stdout.open("w") as out, stderr.open("w") as err:
+        sweep = subprocess.Popen(sweep_command(root, "--demo", "--address", cluster, "--workers", "2",
+                                               "--strategy", "fsdp", "--max-failures", "2", *TINY),
+                                 cwd=REPO, env=env, stdout=out, stderr=err)
+    try:
+        teacher = root / "demo_tiny" / "teacher"
+        wait_for(lambda: any((teacher / "checkpoints").glob("step-*")), sweep, "the teacher's first checkpoint")
+        rank0_worker(teacher).kill()  # SIGKILL: no chance to save or clean up
+        assert sweep.wait(timeout=900) == 0, stderr.read_text()[-4000:]
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+    log, output = stderr.read_text(), stdout.read_text()
+
+    # Ray Train restarted the worker group, and the stage continued from its last complete checkpoint.
+    resumed = re.findall(rf"resumed from {re.escape(str(teacher))}/checkpoints/step-(\d+) at step (\d+)", log)
+    assert resumed and all(0 < int(step) < TEACHER_STEPS for _, step in resumed), log[-4000:]
+    assert logged_steps(teacher) == list(range(1, TEACHER_STEPS + 1))  # every step exactly once
+    assert (teacher / "export" / "model.safetensors").is_file()
+
+    # The two models ran side by side, and each used 2 FSDP workers.
+    assert output.index("demo_small/teacher: started") < output.index("demo_tiny/teacher: completed")
+    assert "2 workers per run (CPU), strategy=fsdp" in output
+    for model in ("demo_tiny", "demo_small"):
+        config = yaml.safe_load((root / model / "s2_align_features" / "config.yaml").read_text())
+        assert config["strategy"]["name"] == "fsdp"
+
+    results = json.loads((root / "results.json").read_text())["models"]
+    assert [r["model"] for r in results] == ["demo_tiny", "demo_small"]
+    for row in results:
+        assert row["status"] == "completed"
+        assert set(row["losses"]) == {"teacher", "s1", "s2", "cls", "seg"}
+        assert all(math.isfinite(loss) for loss in row["losses"].values()), row
+        assert 0.0 <= row["metrics"]["cls"]["top1"] <= 1.0 and 0.0 <= row["metrics"]["seg"]["miou"] <= 1.0
+    table = (root / "results.md").read_text()
+    assert table in output and f"results written to {root / 'results.md'}" in output
+    assert re.search(r"^\| `demo_tiny` \|.*\| completed \|$", table, re.M)
+    assert re.search(r"^\| `demo_small` \|.*\| completed \|$", table, re.M)
+
+
+def refused(command: list[str], env: dict[str, str]) -> str:
+    """Run a sweep that must stop on bad input: exit code 2 and one line on stderr, which is returned."""
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    lines = [line for line in done.stderr.splitlines() if line.startswith("ray_sweep:")]
+    assert len(lines) == 1 and lines[0].startswith("ray_sweep: error: "), done.stderr[-3000:]
+    return lines[0]
+
+
+def test_unknown_vfm_is_refused(env: dict[str, str], tmp_path: Path) -> None:
+    line = refused(sweep_command(tmp_path / "sweep", "--models", "dinov2_l", "dinov3_xl"), env)
+    assert "unknown model 'dinov3_xl'" in line
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_missing_data_is_refused_before_any_job(env: dict[str, str], tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere" / "train-{000..003}.tar"
+    line = refused(sweep_command(tmp_path / "sweep", "--demo", *TINY, f's1:data.train="{missing}"'), env)
+    assert "demo_tiny/s1:" in line and str(tmp_path / "nowhere" / "train-000.tar") in line and "not found" in line
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_more_workers_than_the_cluster_has_is_refused(cluster: str, env: dict[str, str], tmp_path: Path) -> None:
+    line = refused(sweep_command(tmp_path / "sweep", "--demo", "--address", cluster, "--workers", "8", *TINY), env)
+    assert f"8 workers need 8 CPU (1 each) but the Ray cluster has {CLUSTER_CPUS}" in line
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_no_arguments_print_a_hint(env: dict[str, str]) -> None:
+    done = subprocess.run([sys.executable, SWEEP], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "--demo" in done.stderr and "dinov2_l:model.weights=PATH" in done.stderr
+
+
+def test_missing_weights_name_every_model(env: dict[str, str], tmp_path: Path) -> None:
+    line = refused(sweep_command(tmp_path / "sweep", "--models", "dinov2_l", "clip_l"), env)
+    assert "no pretrained weights for dinov2_l, clip_l" in line and "MODEL:model.weights=PATH" in line
