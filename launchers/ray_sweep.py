@@ -69,8 +69,8 @@ def plan_sweep(args: argparse.Namespace, overrides: list[str]) -> list[Job]:
     from adala.launch.pipeline import DEMO_MODELS, plan, validate_jobs
 
     models = args.models or (DEMO_MODELS if args.demo else DEFAULT_MODELS)
-    jobs = plan(models, Path(args.root).resolve(), tasks=args.tasks, overrides=[f"strategy={args.strategy}", *overrides],
-                demo=args.demo)
+    jobs = plan(models, Path(args.root).resolve(), tasks=args.tasks,
+                overrides=[f"strategy={args.strategy}", *overrides], demo=args.demo)
     check_weights(jobs)
     validate_jobs(jobs, world_size=args.workers)
     return jobs
@@ -128,6 +128,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UserError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; run the same command again to continue from the checkpoints", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -37,9 +37,9 @@ CLUSTER_CPUS = 4
 def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """One thread per process, this checkout on the path, a demo cache of its own; for the private test cluster no
     Ray token, no preemption watcher (one process less per run; nothing preempts here) and a short drain at stop."""
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "ADALA_CACHE": str(tmp_path_factory.mktemp("cache")),
-            "RAY_AUTH_MODE": "disabled", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
-            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "2"}
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
+            "ADALA_CACHE": str(tmp_path_factory.mktemp("cache")), "RAY_AUTH_MODE": "disabled",
+            "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "2"}
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +109,8 @@ def logged_steps(run_dir: Path) -> list[int]:
     return [json.loads(line)["step"] for line in (run_dir / "log.jsonl").read_text().splitlines()]
 
 
-def test_demo_sweep_resumes_a_killed_worker_and_writes_results(cluster: str, env: dict[str, str], tmp_path: Path) -> None:
+def test_demo_sweep_resumes_a_killed_worker_and_writes_results(cluster: str, env: dict[str, str],
+                                                               tmp_path: Path) -> None:
     root = tmp_path / "sweep"
     stdout, stderr = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
     with stdout.open("w") as out, stderr.open("w") as err:
@@ -189,3 +190,43 @@ def test_no_arguments_print_a_hint(env: dict[str, str]) -> None:
 def test_missing_weights_name_every_model(env: dict[str, str], tmp_path: Path) -> None:
     line = refused(sweep_command(tmp_path / "sweep", "--models", "dinov2_l", "clip_l"), env)
     assert "no pretrained weights for dinov2_l, clip_l" in line and "MODEL:model.weights=PATH" in line
+
+
+def test_a_failed_model_skips_its_later_jobs_and_the_others_go_on(tmp_path: Path) -> None:
+    """The sweep's bookkeeping with a plain runner in place of Ray Train: one model's Stage 2 fails."""
+    from adala.launch.pipeline import plan
+    from adala.launch.ray_train import run_models
+    from adala.launch.results import collect, write_results
+
+    jobs = plan(["demo_tiny", "demo_small"], tmp_path, tasks=["in1k", "ade20k"])
+
+    def runner(job) -> None:  # writes what a stage run writes
+        if job.name == "demo_tiny/s2":
+            raise RuntimeError("Invalid learning rate: nan")
+        job.run_dir.mkdir(parents=True)
+        records = (json.dumps({"step": step, "loss": 1.0 / step}) + "\n" for step in (1, 2, 4))
+        (job.run_dir / "log.jsonl").write_text("".join(records))
+        if job.step in ("in1k", "ade20k"):
+            metric = "top1" if job.step == "in1k" else "miou"
+            (job.run_dir / "metrics.json").write_text(json.dumps({"step": 4, metric: 0.5}))
+
+    reports: list[str] = []
+    outcomes = run_models(jobs, runner, parallel=2, report=reports.append)
+    assert [j.status for j in outcomes["demo_tiny"].jobs] == ["completed", "failed", "skipped", "skipped"]
+    assert outcomes["demo_tiny"].status == "failed: demo_tiny/s2: RuntimeError: Invalid learning rate: nan"
+    assert outcomes["demo_small"].status == "completed"
+    assert "demo_tiny/in1k: skipped: needs demo_tiny/s2, which did not complete" in reports
+
+    results = collect(jobs, {model: outcome.status for model, outcome in outcomes.items()})
+    table, data = write_results(tmp_path, results)
+    rows = {r["model"]: r for r in json.loads(data.read_text())["models"]}
+    assert rows["demo_small"]["losses"] == {"s1": 0.25, "s2": 0.25, "in1k": 0.25, "ade20k": 0.25}
+    assert rows["demo_small"]["metrics"] == {"in1k": {"top1": 0.5}, "ade20k": {"miou": 0.5}}
+    assert rows["demo_tiny"]["losses"] == {"s1": 0.25, "s2": None, "in1k": None, "ade20k": None}
+    assert rows["demo_tiny"]["metrics"] == {"in1k": {"top1": None}, "ade20k": {"miou": None}}
+    lines = table.read_text().splitlines()
+    assert lines[0] == "| VFM | s1 loss | s2 loss | in1k loss | ade20k loss | in1k top-1 | ade20k mIoU | status |"
+    assert lines[2] == ("| `demo_tiny` | 0.25 | – | – | – | – | – | "
+                        "failed: demo_tiny/s2: RuntimeError: Invalid learning rate: nan |")
+    assert lines[3] == "| `demo_small` | 0.25 | 0.25 | 0.25 | 0.25 | 50.0% | 50.0% | completed |"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["results.json", "results.md"]  # no temporaries

@@ -143,7 +143,9 @@ def run_model(jobs: Sequence[Job], runner: Runner, report: Callable[[str], None]
     for job in jobs:
         missing = [dep.name for dep in job.after if dep.name not in done]
         if missing:
-            outcome.jobs.append(JobOutcome(job.name, "skipped", f"needs {missing[0]}, which did not complete"))
+            reason = f"needs {missing[0]}, which did not complete"
+            report(f"{job.name}: skipped: {reason}")
+            outcome.jobs.append(JobOutcome(job.name, "skipped", reason))
             continue
         report(f"{job.name}: started")
         try:
@@ -171,10 +173,13 @@ def run_models(jobs: Sequence[Job], runner: Runner, *, parallel: int,
         with lock:
             report(line)
 
-    with ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="ray-sweep") as pool:
+    pool = ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="ray-sweep")
+    try:
         futures = {model: pool.submit(run_model, model_jobs, runner, locked_report)
                    for model, model_jobs in by_model.items()}
         return {model: future.result() for model, future in futures.items()}
+    finally:  # on Ctrl-C, return at once: disconnecting from Ray then ends the running trainers
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def one_line(err: BaseException) -> str:

@@ -64,7 +64,7 @@ def collect(jobs: Sequence[Job], statuses: Mapping[str, str]) -> list[ModelResul
 def markdown_table(results: Sequence[ModelResult]) -> str:
     """A markdown table: one row per model, a column per stage's final loss and per Stage-3 metric."""
     steps = list(dict.fromkeys(step for r in results for step in r.losses))
-    metrics = list(dict.fromkeys((task, name) for r in results for task, values in r.metrics.items() for name in values))
+    metrics = list(dict.fromkeys((task, name) for r in results for task, names in r.metrics.items() for name in names))
     header = ["VFM", *(f"{step} loss" for step in steps), *(f"{task} {METRIC_TITLES[name]}" for task, name in metrics),
               "status"]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(steps) + len(metrics)) + "---|"]
