@@ -18,7 +18,6 @@ import psutil
 import pytest
 import yaml
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parent.parent
 SWEEP = str(REPO / "launchers" / "ray_sweep.py")
@@ -109,6 +108,8 @@ def logged_steps(run_dir: Path) -> list[int]:
     return [json.loads(line)["step"] for line in (run_dir / "log.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_demo_sweep_resumes_a_killed_worker_and_writes_results(cluster: str, env: dict[str, str],
                                                                tmp_path: Path) -> None:
     root = tmp_path / "sweep"
@@ -162,12 +163,14 @@ def refused(command: list[str], env: dict[str, str]) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_unknown_vfm_is_refused(env: dict[str, str], tmp_path: Path) -> None:
     line = refused(sweep_command(tmp_path / "sweep", "--models", "dinov2_l", "dinov3_xl"), env)
     assert "unknown model 'dinov3_xl'" in line
     assert not (tmp_path / "sweep").exists()
 
 
+@pytest.mark.slow
 def test_missing_data_is_refused_before_any_job(env: dict[str, str], tmp_path: Path) -> None:
     missing = tmp_path / "nowhere" / "train-{000..003}.tar"
     line = refused(sweep_command(tmp_path / "sweep", "--demo", *TINY, f's1:data.train="{missing}"'), env)
@@ -175,6 +178,8 @@ def test_missing_data_is_refused_before_any_job(env: dict[str, str], tmp_path: P
     assert not (tmp_path / "sweep").exists()
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_more_workers_than_the_cluster_has_is_refused(cluster: str, env: dict[str, str], tmp_path: Path) -> None:
     line = refused(sweep_command(tmp_path / "sweep", "--demo", "--address", cluster, "--workers", "8", *TINY), env)
     assert f"8 workers need 8 CPU (1 each) but the Ray cluster has {CLUSTER_CPUS}" in line
@@ -187,6 +192,7 @@ def test_no_arguments_print_a_hint(env: dict[str, str]) -> None:
     assert "--demo" in done.stderr and "dinov2_l:model.weights=PATH" in done.stderr
 
 
+@pytest.mark.slow
 def test_missing_weights_name_every_model(env: dict[str, str], tmp_path: Path) -> None:
     line = refused(sweep_command(tmp_path / "sweep", "--models", "dinov2_l", "clip_l"), env)
     assert "no pretrained weights for dinov2_l, clip_l" in line and "MODEL:model.weights=PATH" in line
