@@ -25,9 +25,6 @@ from adala.launch.pipeline import Job
 
 log = logging.getLogger(__name__)
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-
-
 @dataclass(frozen=True)
 class Workers:
     """The workers of every trainer: how many, and what each holds."""
@@ -77,9 +74,10 @@ def train_worker(config: dict[str, Any]) -> None:
     import ray.train
 
     from adala.config import compose
+    from adala.logs import configure_logging
     from adala.run import run_stage
 
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    configure_logging()
     if os.path.isdir(config["cwd"]):
         os.chdir(config["cwd"])
     result = run_stage(compose(config["overrides"]))
