@@ -11,6 +11,8 @@ import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 
+_created_here = False  # a group a launcher set up (Ray Train) is the launcher's to end
+
 
 def launched_world_size() -> int:
     """The number of processes this run was launched with (``WORLD_SIZE``, 1 when not launched by torchrun)."""
@@ -20,14 +22,17 @@ def launched_world_size() -> int:
 def init_process_group(device: torch.device, *, required: bool = False, timeout_s: int = 1800) -> None:
     """Join the launcher's process group: nccl on CUDA, gloo on CPU. A plain single process gets a one-rank
     group on loopback only when ``required`` (FSDP and DeepSpeed always work through one)."""
+    global _created_here
     if dist.is_initialized():
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
     if "RANK" not in os.environ:
         if required:  # an in-process store: no port, no environment variables
             dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+            _created_here = True
         return
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    _created_here = True
     log.info("rank %d of %d joined the %s process group", dist.get_rank(), dist.get_world_size(), backend)
 
 
@@ -73,5 +78,8 @@ def broadcast_object(value: object) -> object:
 
 
 def destroy_process_group() -> None:
-    if dist.is_initialized():
+    """End the process group if :func:`init_process_group` started it; one the launcher started stays."""
+    global _created_here
+    if _created_here and dist.is_initialized():
         dist.destroy_process_group()
+    _created_here = False
