@@ -29,7 +29,6 @@ import functools
 import json
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -41,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from adala.attention import linear_attention
+from adala.eval.efficiency import device_name, proc_status_bytes
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TOKENS = [256, 512, 1024, 2048, 4096, 8192, 16384]
@@ -78,11 +78,6 @@ def repeats_for(tokens: int, repeats: int) -> int:
 # ---------------------------------------------------------------- worker: one method at one token count
 
 
-def _proc_status_mb(key: str) -> float:
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"^{key}:\s+(\d+) kB", f.read(), re.M).group(1)) / 1024
-
-
 def _forward_backward(fn: Callable[..., torch.Tensor], q, k, v, cotangent) -> None:
     for t in (q, k, v):
         t.grad = None
@@ -100,9 +95,9 @@ def _peak_mb(device: str, run: Callable[[], None]) -> float:
         return (torch.cuda.max_memory_allocated() - before) / 2**20
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current resident set
-    before = _proc_status_mb("VmRSS")
+    before = proc_status_bytes("VmRSS")
     run()
-    return _proc_status_mb("VmHWM") - before
+    return (proc_status_bytes("VmHWM") - before) / 2**20
 
 
 def _time_ms(device: str, run: Callable[[], None]) -> float:
@@ -157,19 +152,9 @@ def run_case(method: str, tokens: int, args: argparse.Namespace) -> dict:
     return {**run_worker(method, tokens, "memory", args), **run_worker(method, tokens, "time", args)}
 
 
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    try:
-        with open("/proc/cpuinfo") as f:
-            return re.search(r"^model name\s*:\s*(.+)$", f.read(), re.M).group(1).strip()
-    except (OSError, AttributeError):
-        return platform.processor() or platform.machine()
-
-
 def header(args: argparse.Namespace) -> dict:
     return {
-        "device": device_name(args.device),
+        "device": device_name(torch.device(args.device)),
         "device_type": args.device,
         "torch": torch.__version__,
         "python": platform.python_version(),

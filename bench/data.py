@@ -22,7 +22,6 @@ import json
 import math
 import os
 import platform
-import re
 import statistics
 import tempfile
 import time
@@ -37,6 +36,7 @@ from adala.data.decode import decode_image
 from adala.data.pipeline import train_stream
 from adala.data.tario import write_samples
 from adala.data.transforms import build_transform
+from adala.eval.efficiency import device_name
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 BATCH = 16  # Stage 2: 16 images per GPU (paper Table 5)
@@ -109,14 +109,6 @@ def gpu_demand() -> dict:
     return {**GPU, "per_image_gflop": per_image_gflop, "step_ms": step_s * 1e3, "images_per_s": GPU["batch_per_gpu"] / step_s}
 
 
-def device_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return re.search(r"^model name\s*:\s*(.+)$", f.read(), re.M).group(1).strip()
-    except (OSError, AttributeError):
-        return platform.processor() or platform.machine()
-
-
 def table(result: dict) -> str:
     gpu = result["gpu"]
     lines = [
@@ -170,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
     stream = next(r for r in rows if r["case"] == "stream" and r["size"] == 512)
     needed = math.ceil(gpu["images_per_s"] / stream["images_per_s"])
     result = {
-        "device": device_name(), "device_type": "cpu", "cpu_cores": os.cpu_count(), "torch": torch.__version__,
+        "device": device_name(torch.device("cpu")), "device_type": "cpu", "cpu_cores": os.cpu_count(), "torch": torch.__version__,
         "python": platform.python_version(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "load_start": load_start, "load_end": os.getloadavg()[0], "note": f"; {args.note}" if args.note else "",
         "images": len(jpegs), "jpeg_kb": sum(map(len, jpegs)) / len(jpegs) / 1e3, "rows": rows, "gpu": gpu,

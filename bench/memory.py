@@ -31,6 +31,8 @@ from typing import Any, Iterator
 
 import torch
 
+from adala.eval.efficiency import device_name, proc_status_bytes
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CASES = {
     "single": (1, ["strategy=single"]),
@@ -52,21 +54,14 @@ class TrainingPeak:
 
     def batch_drawn(self, index: int) -> None:
         if index == 0:
-            self.before_gb = _status_kb("VmRSS") * 1024 / 1e9
+            self.before_gb = proc_status_bytes("VmRSS") / 1e9
             Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
             return
-        self.peak_rss_gb = max(self.peak_rss_gb, _status_kb("VmHWM") * 1024 / 1e9)
+        self.peak_rss_gb = max(self.peak_rss_gb, proc_status_bytes("VmHWM") / 1e9)
         if torch.cuda.is_available():
             self.peak_cuda_gb = max(self.peak_cuda_gb, torch.cuda.max_memory_allocated() / 1e9)
-
-
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
 
 
 class RandomImages:
@@ -149,10 +144,9 @@ def stage2_flops_per_image(model: str, img_size: int) -> float:
 
 
 def write_results(results: list[dict[str, Any]], args: argparse.Namespace, out: Path) -> None:
-    from bench.attention import device_name
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    stamp = {"device": device_name(device), "device_kind": device, "cpus": os.cpu_count(),
+    stamp = {"device": device_name(torch.device(device)), "device_kind": device, "cpus": os.cpu_count(),
              "torch": torch.__version__, "date": datetime.date.today().isoformat(), "model": args.model,
              "img_size": args.img_size, "batch_per_rank": args.batch, "steps": args.steps, "warmup": args.warmup,
              "precision": args.precision, "peak_tflops": args.peak_tflops,

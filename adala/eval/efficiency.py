@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from adala.attention import LinearAttention
+from adala.engine.memory import available_bytes
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Dense (no sparsity) peak TFLOP/s by device-name fragment, first match wins. fp32 is the CUDA-core rate: torch
@@ -170,16 +171,17 @@ def _resident_peak() -> Iterator[Callable[[], Optional[int]]]:
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)  # return memory freed earlier, or the block reuses it unseen
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident set
-        before = _status_bytes(status, "VmRSS")
+        before = proc_status_bytes("VmRSS", status)
     except (OSError, AttributeError):
         before = None
     result: dict[str, Optional[int]] = {"rise": None}
     yield lambda: result["rise"]
     if before is not None:
-        result["rise"] = _status_bytes(status, "VmHWM") - before
+        result["rise"] = proc_status_bytes("VmHWM", status) - before
 
 
-def _status_bytes(status: Path, field: str) -> int:
+def proc_status_bytes(field: str, status: Path = Path("/proc/self/status")) -> int:
+    """A ``kB`` field of a ``/proc`` status file (``VmRSS``, ``VmHWM``, ...) in bytes (Linux only)."""
     return int(re.search(rf"^{field}:\s+(\d+) kB", status.read_text(), re.M).group(1)) * 1024
 
 
@@ -188,12 +190,6 @@ def _out_of_memory(err: BaseException) -> bool:
     return isinstance(err, (torch.cuda.OutOfMemoryError, MemoryError)) or any(
         text in message for text in ("out of memory", "can't allocate memory")
     )
-
-
-def _available_bytes() -> Optional[int]:
-    with contextlib.suppress(OSError, AttributeError):
-        return _status_bytes(Path("/proc/meminfo"), "MemAvailable")
-    return None
 
 
 # ---------------------------------------------------------------- one model
@@ -286,7 +282,7 @@ def _search_done(rows: list[dict[str, Any]], max_step_s: float, peak_gb_batch1: 
     if 2 * last["step_ms"] / 1e3 > max_step_s:
         notes.append(f"batch search stopped after batch {last['batch']}: a step would exceed {max_step_s:g} s")
         return True
-    available = _available_bytes() if device.type == "cpu" else None
+    available = available_bytes(device) if device.type == "cpu" else None
     if available is not None and peak_gb_batch1 is not None and 2 * last["batch"] * peak_gb_batch1 * 1e9 > 0.7 * available:
         notes.append(f"batch search stopped after batch {last['batch']}: the next would need more than 70% of free memory")
         return True
