@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from adala.attention.linear import DEFAULT_EPS, linear_attention
+from adala.attention.linear import DEFAULT_EPS, check_shapes, linear_attention
 
 IMPLS = ("auto", "reference", "triton")
 IMPL_ENV = "ADALA_LINEAR_ATTENTION"
@@ -64,11 +64,7 @@ def fast_linear_attention(
     if kernel not in FAST_KERNELS:
         raise ValueError(f"the Triton path implements kernels {', '.join(FAST_KERNELS)}, not {kernel!r}; "
                          "use adala.attention.linear_attention")
-    if q.dim() != 4 or q.shape[:2] != k.shape[:2] or k.shape[:3] != v.shape[:3] or q.shape[-1] != k.shape[-1]:
-        raise ValueError(
-            f"expected q, k, v as (batch, heads, tokens, head_dim) with matching sizes, got "
-            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
-        )
+    check_shapes(q, k, v)
     if q.shape[2] != k.shape[2]:
         raise ValueError(f"the Triton path needs as many queries as keys, got {q.shape[2]} and {k.shape[2]}")
     return _forward(q, k, v, kernel, eps)[0]

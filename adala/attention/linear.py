@@ -15,6 +15,15 @@ from adala.attention.kernels import SHIFTS, get_kernel
 DEFAULT_EPS = 1e-6
 
 
+def check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """q, k, v must be (batch, heads, tokens, head_dim) with matching batch, heads, key tokens and q/k width."""
+    if q.dim() != 4 or q.shape[:2] != k.shape[:2] or k.shape[:3] != v.shape[:3] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(
+            f"expected q, k, v as (batch, heads, tokens, head_dim) with matching sizes, got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+
+
 def linear_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -28,11 +37,7 @@ def linear_attention(
     φ, the d×d state and the normaliser are computed in fp32 whatever the input dtype (autocast included); the
     result is returned in the dtype of ``v``.
     """
-    if q.dim() != 4 or q.shape[:2] != k.shape[:2] or k.shape[:3] != v.shape[:3] or q.shape[-1] != k.shape[-1]:
-        raise ValueError(
-            f"expected q, k, v as (batch, heads, tokens, head_dim) with matching sizes, got "
-            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
-        )
+    check_shapes(q, k, v)
     phi = get_kernel(kernel)
     out_dtype = v.dtype
     with _autocast_off(q.device):
