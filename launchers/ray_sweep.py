@@ -22,7 +22,6 @@ if TYPE_CHECKING:
     from adala.launch.pipeline import Job
 
 PROG = "ray_sweep"
-DEFAULT_MODELS = ("dinov2_l", "clip_l", "siglip_l", "vit_l_in1k")
 HINT = f"""{PROG}: nothing to run; try the built-in demo, or name models with their pretrained weights:
   python launchers/ray_sweep.py --demo
   python launchers/ray_sweep.py --models dinov2_l clip_l dinov2_l:model.weights=PATH clip_l:model.weights=PATH
@@ -31,7 +30,7 @@ HINT = f"""{PROG}: nothing to run; try the built-in demo, or name models with th
 
 
 def parser() -> argparse.ArgumentParser:
-    from adala.launch.pipeline import DEMO_MODELS
+    from adala.launch.pipeline import DEFAULT_MODELS, DEMO_MODELS
 
     p = argparse.ArgumentParser(
         prog=PROG, description="Ray Train runs of the whole pipeline for several VFMs, and one results table.",
@@ -66,27 +65,13 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def plan_sweep(args: argparse.Namespace, overrides: list[str]) -> list[Job]:
     """Every job of every model's pipeline, composed and validated; nothing has started yet."""
-    from adala.launch.pipeline import DEMO_MODELS, plan, validate_jobs
+    from adala.launch.pipeline import DEFAULT_MODELS, DEMO_MODELS, plan, validate_jobs
 
     models = args.models or (DEMO_MODELS if args.demo else DEFAULT_MODELS)
     jobs = plan(models, Path(args.root).resolve(), tasks=args.tasks,
                 overrides=[f"strategy={args.strategy}", *overrides], demo=args.demo)
-    check_weights(jobs)
     validate_jobs(jobs, world_size=args.workers)
     return jobs
-
-
-def check_weights(jobs: Sequence[Job]) -> None:
-    """Name every model without teacher weights at once, with the scoped override that gives them."""
-    from adala.config import compose
-    from adala.run import NEEDS_TEACHER_WEIGHTS
-
-    missing = list(dict.fromkeys(j.model for j in jobs
-                                 if j.stage in NEEDS_TEACHER_WEIGHTS and compose(j.overrides).model.weights is None))
-    if missing:
-        raise UserError(f"no pretrained weights for {', '.join(missing)}: give each model its weights as "
-                        f"MODEL:model.weights=PATH (e.g. {missing[0]}:model.weights=/weights/{missing[0]}.pth), "
-                        "or run the built-in demo with --demo")
 
 
 def sweep(args: argparse.Namespace, jobs: list[Job]) -> bool:

@@ -26,14 +26,13 @@ from typing import Optional, Sequence
 from adala.errors import UserError
 from adala.launch import pipeline, slurm
 
-DEFAULT_MODELS = ("dinov2_l", "clip_l", "siglip_l", "vit_l_in1k")
 DEFAULT_MINUTES = {"teacher": 60, "s1": 8 * 60, "s2": 24 * 60, "s3": 12 * 60}
 RECORD = "pipeline.json"
 
 
 def parse(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="submit.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", help=f"default: {' '.join(DEFAULT_MODELS)} (demo: the demo models)")
+    parser.add_argument("--models", nargs="+", help=f"default: {' '.join(pipeline.DEFAULT_MODELS)} (demo: the demo models)")
     parser.add_argument("--tasks", nargs="+", help=f"Stage-3 tasks, default: {' '.join(pipeline.DEFAULT_TASKS)}")
     parser.add_argument("--root", default="runs/pipeline", help="run directories and submitit logs go here")
     parser.add_argument("--demo", action="store_true", help="the built-in demo data, a teacher job and demo sizes")
@@ -71,7 +70,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def submit(args: argparse.Namespace) -> int:
     root = Path(args.root).absolute()
-    models = args.models or (pipeline.DEMO_MODELS if args.demo else DEFAULT_MODELS)
+    models = args.models or (pipeline.DEMO_MODELS if args.demo else pipeline.DEFAULT_MODELS)
     minutes = _minutes(args.time)
     tasks_per_node = args.tasks_per_node or max(1, args.gpus_per_node)
     if slurm.available():

@@ -33,6 +33,7 @@ TASKS = {
     "ade20k": Task("finetune_seg", "ade20k"),
     "cityscapes": Task("finetune_seg", "cityscapes"),
 }
+DEFAULT_MODELS = ("dinov2_l", "clip_l", "siglip_l", "vit_l_in1k")
 DEFAULT_TASKS = ("in1k", "ade20k", "cityscapes")
 DEMO_TASKS = {"cls": Task("finetune_cls", "demo"), "seg": Task("finetune_seg", "demo")}
 DEMO_MODELS = ("demo_tiny", "demo_small")
@@ -130,19 +131,24 @@ def plan(
     return jobs
 
 
-def job_config(job: Job) -> Config:
-    return compose(job.overrides)
-
-
 def validate_jobs(jobs: Sequence[Job], *, world_size: int) -> list[Config]:
-    """Compose and validate every job before anything starts; the exports of earlier jobs may not exist yet."""
-    from adala.run import validate
+    """Compose and validate every job before anything starts; the exports of earlier jobs may not exist yet.
 
+    Models without teacher weights are named together first, with the scoped override that gives them.
+    """
+    from adala.run import NEEDS_TEACHER_WEIGHTS, validate
+
+    configs = [compose(job.overrides) for job in jobs]
+    missing = list(dict.fromkeys(job.model for job, cfg in zip(jobs, configs)
+                                 if job.stage in NEEDS_TEACHER_WEIGHTS and cfg.model.weights is None))
+    if missing:
+        raise UserError(f"no pretrained weights for {', '.join(missing)}: give each model its weights as "
+                        f"MODEL:model.weights=PATH (e.g. {missing[0]}:model.weights=/weights/{missing[0]}.pth), "
+                        "or run the built-in demo with --demo")
     pending = {str(j.export) for j in jobs}
-    configs = []
-    for job in jobs:
+    for job, cfg in zip(jobs, configs):
         try:
-            configs.append(validate(job_config(job), world_size=world_size, pending=pending))
+            validate(cfg, world_size=world_size, pending=pending)
         except UserError as err:
             raise UserError(f"{job.name}: {err}") from None
     return configs
