@@ -10,17 +10,30 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from adala.errors import UserError
 
-CONFIG_DIR = Path(os.environ.get("ADALA_CONFIG_DIR", Path(__file__).resolve().parent.parent / "conf"))
+from adala.paths import config_dir
+
+CONFIG_DIR = config_dir()
 
 
 @dataclass
 class ModelConfig:
+    """A model is configuration (``conf/model/<name>.yaml``): any timm VisionTransformer with its paper settings."""
+
     name: str = "demo_tiny"
-    img_size: Optional[int] = None  # None: the model's native resolution
+    timm_id: str = "vit_tiny_patch16_224"  # timm model name (a VisionTransformer), with or without a .tag
+    description: str = ""
+    alpha: float = 1.0  # Stage-2 loss weight α (paper Table 5)
+    align_features_epochs: float = 1.0  # Stage-2 epochs on the pretraining data (paper Table 5)
+    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    patch_size: Optional[int] = None  # None: read from the timm model
+    native_img_size: Optional[int] = None  # resolution of the pretrained weights; None: timm's default
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments
+    img_size: Optional[int] = None  # None: native_img_size
     weights: Optional[str] = None  # the original (softmax) VFM weights; None: random initialisation
 
 
@@ -80,7 +93,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast)
-    progress: bool = True
+    progress: bool = True  # a progress bar, only when stderr is a terminal
+    eval_every: int = 0  # evaluate on data.val every this many steps (0: only at the end); keeps the best export
+    export_every: int = 0  # write an export every this many steps (0: only at the end)
     max_nonfinite_steps: int = 5  # a non-finite loss skips its step; this many in a row stop the run
 
 
@@ -130,6 +145,7 @@ class Config:
     demo: DemoConfig = field(default_factory=DemoConfig)
     run_dir: Optional[str] = None  # None: runs/<stage or demo>-<model>
     resume: str = "none"  # none | auto | path to a checkpoints/step-N directory
+    overwrite: bool = False  # a fresh run into a run_dir holding checkpoints or an export: remove them first
 
 
 def compose(overrides: Sequence[str] = ()) -> Config:
