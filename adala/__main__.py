@@ -1,24 +1,45 @@
-"""Command line: ``python -m adala [group=option ...] [key=value ...]``.
+"""Command line: ``adala`` (or ``python -m adala``).
 
-With a stage (``stage=align_attention|align_features|finetune_cls|finetune_seg``) it trains that stage; with
-none it runs the built-in demo. ``--cfg`` prints the composed config and exits; ``--check`` validates a stage's
-config (data, weights, checkpoints, strategy; for ``WORLD_SIZE`` processes) without building anything.
+``adala stage=STAGE [group=option ...] [key=value ...]`` trains one stage; ``adala`` with no stage runs the built-in
+demo, which takes only ``demo.*`` keys; ``adala slurm-script stage2`` prints an sbatch script. ``--cfg`` prints
+the composed config and exits; ``--check`` validates a stage's config (data, weights, checkpoints, strategy; for
+``WORLD_SIZE`` processes) without building anything.
 """
 from __future__ import annotations
 
 import sys
+import textwrap
 from typing import Optional, Sequence
 
 from adala.engine.preemption import REQUEUE_EXIT_CODE, Preempted
 from adala.errors import UserError
 from adala.logs import configure_logging
 
-USAGE = """usage: python -m adala [--cfg | --check] [group=option ...] [key=value ...]
+FLAGS = ("--cfg", "--check")
+GROUPS = ("stage", "model", "data", "attention", "strategy")  # in the order --help lists them
 
-groups:  model=<name> attention=elu1|relu|softplus|exp|softmax data=<name> strategy=single|ddp|fsdp|deepspeed
-         stage=align_attention|align_features|finetune_cls|finetune_seg   (none: the built-in demo)
-keys:    model.weights=PATH stage.init=PATH run_dir=DIR resume=none|auto|PATH train.max_steps=N ...
-         (see conf/config.yaml and conf/<group>/*.yaml)
+
+def usage() -> str:
+    """The ``--help`` text; the choices of every config group are read from the config directory."""
+    from adala.config import CONFIG_DIR, options
+
+    groups = "\n".join(
+        textwrap.fill(", ".join(options(group)), width=110, initial_indent=f"  {group + '=':<12}",
+                      subsequent_indent=" " * 14)
+        for group in GROUPS
+    )
+    return f"""usage: adala [--cfg | --check] stage=STAGE [group=option ...] [key=value ...]   (or python -m adala ...)
+       adala [demo.key=value ...]                 the built-in demo: no stage, only demo.* keys
+       adala slurm-script stage1|stage2|stage3    print an sbatch script, e.g. adala slurm-script stage2 > stage2.sh
+
+options:
+  --cfg         print the composed config and exit (adala --cfg stage=STAGE lists every key and its default)
+  --check       validate a stage's config (data, weights, checkpoints, strategy) for WORLD_SIZE processes; build nothing
+
+config groups ({CONFIG_DIR}):
+{groups}
+
+keys:  model.weights=PATH stage.init=PATH run_dir=DIR resume=none|auto|PATH overwrite=true train.max_steps=N ...
 several processes: torchrun --nproc-per-node=N -m adala strategy=fsdp ...
 exit codes: 0 done, 2 bad input, 75 preempted after saving a checkpoint (run again with resume=auto)
 """
@@ -27,20 +48,23 @@ exit codes: 0 done, 2 bad input, 75 preempted after saving a checkpoint (run aga
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in args):
-        print(USAGE, end="")
+        print(usage(), end="")
         return 0
-    show_config = "--cfg" in args
-    check_only = "--check" in args
-    overrides = [a for a in args if a not in ("--cfg", "--check")]
-    configure_logging()
     try:
+        if args[:1] == ["slurm-script"]:
+            print(slurm_script(args[1:]), end="")
+            return 0
+        overrides = checked_overrides(args)
+        configure_logging()
         from adala.config import compose, to_yaml
 
         cfg = compose(overrides)
-        if show_config:
+        if cfg.stage is None:
+            refuse_without_stage(overrides)
+        if "--cfg" in args:
             print(to_yaml(cfg), end="")
             return 0
-        if check_only:
+        if "--check" in args:
             from adala.run import validate
 
             cfg = validate(cfg)
@@ -62,6 +86,36 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"adala: {stop}", file=sys.stderr)
         return REQUEUE_EXIT_CODE
     return 0
+
+
+def checked_overrides(args: Sequence[str]) -> list[str]:
+    """The overrides among ``args``; an unknown option is refused (``compose`` refuses ``hydra.*`` overrides)."""
+    for arg in args:
+        if arg.startswith("-") and arg not in FLAGS:
+            raise UserError(f"unknown option {arg}; adala takes --cfg, --check and key=value overrides (adala --help)")
+    return [arg for arg in args if arg not in FLAGS]
+
+
+def refuse_without_stage(overrides: Sequence[str]) -> None:
+    """With no stage the command is the demo, which takes only ``demo.*`` keys: anything else means a stage was
+    forgotten, and starting the demo would be a surprise."""
+    from adala.config import options, override_key
+
+    others = [o for o in overrides if not override_key(o).startswith("demo.")]
+    if others:
+        raise UserError(f"no stage chosen for {' '.join(others)}: add stage={'|'.join(options('stage'))} (with no "
+                        "stage, adala runs the built-in demo, which takes only demo.* keys, e.g. demo.run_dir=DIR)")
+
+
+def slurm_script(args: Sequence[str]) -> str:
+    """The text of ``slurm/<name>.sh``: from an install without a checkout, save it and ``sbatch`` it."""
+    from adala.paths import slurm_dir
+
+    scripts = {path.stem: path for path in sorted(slurm_dir().glob("*.sh"))}
+    if len(args) != 1 or args[0] not in scripts:
+        raise UserError(f"slurm-script takes one name: {', '.join(scripts)}; "
+                        "e.g. adala slurm-script stage2 > stage2.sh")
+    return scripts[args[0]].read_text()
 
 
 if __name__ == "__main__":

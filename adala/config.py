@@ -21,15 +21,18 @@ CONFIG_DIR = config_dir()
 
 @dataclass
 class ModelConfig:
-    """A model is configuration (``conf/model/<name>.yaml``): any timm VisionTransformer with its paper settings."""
+    """A model is configuration (``conf/model/<name>.yaml``): any timm VisionTransformer with its paper settings.
+
+    ``adala.models.model_spec`` turns it into the spec the code builds from, filling the fields left None from timm.
+    """
 
     name: str = "demo_tiny"
-    timm_id: str = "vit_tiny_patch16_224"  # timm model name (a VisionTransformer), with or without a .tag
+    timm_id: Optional[str] = None  # timm model name (a VisionTransformer), with or without a .tag
     description: str = ""
     alpha: float = 1.0  # Stage-2 loss weight α (paper Table 5)
     align_features_epochs: float = 1.0  # Stage-2 epochs on the pretraining data (paper Table 5)
-    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
-    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    mean: Optional[list[float]] = None  # None: the timm model's pretrained config
+    std: Optional[list[float]] = None  # None: the timm model's pretrained config
     patch_size: Optional[int] = None  # None: read from the timm model
     native_img_size: Optional[int] = None  # resolution of the pretrained weights; None: timm's default
     timm_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments
@@ -116,6 +119,7 @@ class StrategyConfig:
 class DemoConfig:
     """Sizes of the built-in demo (``python -m adala`` with no stage)."""
 
+    run_dir: str = "runs/demo"  # the stage runs of every variant and report.json
     cache_dir: Optional[str] = None  # None: $ADALA_CACHE or ~/.cache/adala
     pretrain_samples: int = 20000
     finetune_samples: int = 2000
@@ -143,13 +147,18 @@ class Config:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
-    run_dir: Optional[str] = None  # None: runs/<stage or demo>-<model>
+    run_dir: Optional[str] = None  # None: runs/<stage>-<model>; the demo's is demo.run_dir
     resume: str = "none"  # none | auto | path to a checkpoints/step-N directory
     overwrite: bool = False  # a fresh run into a run_dir holding checkpoints or an export: remove them first
 
 
 def compose(overrides: Sequence[str] = ()) -> Config:
     """Compose ``conf/config.yaml`` with Hydra-style overrides and check it against the schema."""
+    for item in overrides:
+        key = override_key(item)
+        if key == "hydra" or key.startswith(("hydra.", "hydra/")):
+            raise UserError(f"{item}: hydra.* overrides are not supported (adala runs no Hydra job: no output or "
+                            "working directory, no sweeps); remove it, and set run_dir=DIR for the output")
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.errors import HydraException
@@ -181,6 +190,11 @@ def override(key: str, value: object) -> str:
     if '"' in text:
         raise UserError(f"{key}: values containing a double quote are not supported ({text})")
     return f'{key}="{text}"'
+
+
+def override_key(item: str) -> str:
+    """The key a Hydra override sets: ``+train.seed=1`` -> ``train.seed``, ``model=clip_l`` -> ``model``."""
+    return item.lstrip("+~").split("=", 1)[0]
 
 
 def to_yaml(cfg: Config) -> str:

@@ -5,7 +5,9 @@
 3. Stage 3 (classification and segmentation fine-tuning) for every variant, evaluated on held-out data;
 4. print a table and write ``report.json`` in the run directory.
 
-Every step is an ordinary stage run, composed from the same config files as ``python -m adala stage=...``.
+Steps 2 and 3 are the jobs of the pipelines' graph (``adala.launch.pipeline.plan`` with ``ablation``), run one
+after the other in this process; every job is an ordinary stage run, composed from the same config files as
+``python -m adala stage=...``.
 """
 from __future__ import annotations
 
@@ -24,56 +26,45 @@ from adala.data.demo_images import NUM_CLASSES, NUM_SEG_CLASSES
 from adala.data.demo_images import VERSION as DATA_VERSION
 from adala.models import save_export
 from adala.models.weights import read_export_metadata, read_state_dict
-from adala.run import StageResult, run_stage
+from adala.engine.rundir import lock_run_dir
+from adala.launch.pipeline import VARIANTS, plan
+from adala.run import run_stage
 
 log = logging.getLogger(__name__)
 
-VARIANTS = ("teacher", "adala", "s2_s3", "s1_s3", "s3_only", "scratch_linear")
-DESCRIPTIONS = {
-    "teacher": "softmax teacher, Stage 3 only",
-    "adala": "Stage 1 + 2 + 3 (ViT-AdaLA)",
-    "s2_s3": "Stage 2 + 3 (no attention alignment)",
-    "s1_s3": "Stage 1 + 3 (no feature alignment)",
-    "s3_only": "teacher linearized, Stage 3 only",
-    "scratch_linear": "linear ViT from scratch, Stage 3 only",
-}
+# Every stage run of the demo starts over: its run directory is the demo's own.
+FRESH_RUNS = ("resume=none", "overwrite=true")
 
 
 def run_demo(cfg: Config, overrides: Sequence[str] = ()) -> dict:
-    """Run the demo with the sizes in ``cfg.demo``; ``overrides`` (the user's) are applied to every stage run."""
+    """Run the demo with the sizes in ``cfg.demo``: the cached teacher, then the jobs of the ablation graph for
+    ``cfg.model`` in order; ``overrides`` (the user's) are applied to every stage run."""
     started = time.perf_counter()
-    demo = cfg.demo
-    run_dir = Path(cfg.run_dir or "runs/demo")
+    run_dir = Path(cfg.demo.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    lock = lock_run_dir(run_dir, is_main=True)  # a second demo into the same directory is refused
+    try:
+        return _run_demo(cfg, overrides, run_dir, started)
+    finally:
+        lock.release()
+
+
+def _run_demo(cfg: Config, overrides: Sequence[str], run_dir: Path, started: float) -> dict:
+    demo = cfg.demo
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     shards, cache = demo_shards(demo)
     recipe = demo_recipe(demo, shards)
-    user = [o for o in overrides if not o.startswith(("stage=", "run_dir=", "demo.", "resume="))]
-
-    def stage(name: str, subdir: str, *extra: str) -> StageResult:
-        stage_cfg = compose([f"stage={name}", override("run_dir", run_dir / subdir), *user, *extra])
-        return run_stage(stage_cfg)
-
+    user = [o for o in overrides if not o.startswith(("stage=", "run_dir=", "demo.", "resume=", "overwrite="))]
     teacher = _teacher(cache, recipe["teacher"], user)
-    s1 = stage("align_attention", "s1_align_attention", override("model.weights", teacher), *recipe["align_attention"])
-    s2_args = (override("model.weights", teacher), *recipe["align_features"])
-    s2 = stage("align_features", "s2_align_features", *s2_args, override("stage.init", s1.export))
-    s2_only = stage("align_features", "s2_without_s1", *s2_args)
-
-    starts = {
-        "teacher": [override("model.weights", teacher), "attention=softmax"],
-        "adala": [override("stage.init", s2.export)],
-        "s2_s3": [override("stage.init", s2_only.export)],
-        "s1_s3": [override("stage.init", s1.export)],
-        "s3_only": [override("model.weights", teacher)],
-        "scratch_linear": [],  # random initialisation, linear attention, the same Stage-3 recipe
-    }
-    finetune = recipe["finetune"]
-    report = {}
-    for variant in VARIANTS:
-        results = [stage(task, f"s3_{variant}_{task.split('_')[1]}", *finetune, *starts[variant])
-                   for task in ("finetune_cls", "finetune_seg")]
-        report[variant] = {"description": DESCRIPTIONS[variant], **results[0].metrics, **results[1].metrics}
+    sizes = [o for o in overrides if o.startswith("demo.")]
+    jobs = plan([cfg.model.name], run_dir, overrides=[*sizes, *user, *FRESH_RUNS], demo=True, ablation=True,
+                teacher=teacher)
+    metrics: dict[str, dict[str, float]] = {name: {} for name in VARIANTS}
+    for job in jobs:
+        result = run_stage(compose(job.overrides))
+        if job.variant is not None:
+            metrics[job.variant].update(result.metrics)
+    report = {name: {"description": variant.description, **metrics[name]} for name, variant in VARIANTS.items()}
     report_path = run_dir / "report.json"
     summary = {
         "variants": report,
@@ -105,22 +96,23 @@ def demo_shards(demo: DemoConfig) -> tuple[dict[str, str], Path]:
 
 
 def demo_recipe(demo: DemoConfig, shards: dict[str, str]) -> dict[str, list[str]]:
-    """The overrides of each demo step: data, steps, batch sizes and learning rates; no weights and no run dirs.
+    """The overrides of each demo step: data (``data=demo`` where no Stage-3 task names it: every stage defaults
+    to the paper's data set), steps, batch sizes and learning rates; no weights and no run dirs.
 
     Keys: ``teacher`` (``stage=finetune_cls`` of a softmax ViT on the pretraining split; its backbone is the teacher),
     ``align_attention``, ``align_features`` and ``finetune`` (for both Stage-3 tasks).
     """
-    pretrain = override("data.train", shards["pretrain"])
+    pretrain = ["data=demo", override("data.train", shards["pretrain"])]
     return {
         "teacher": [  # for stage=finetune_cls
-            "attention=softmax", pretrain, override("data.val", shards["val"]),
+            "attention=softmax", *pretrain, override("data.val", shards["val"]),
             f"data.num_classes={NUM_CLASSES}", f"train.max_steps={demo.teacher_steps}",
             f"stage.batch_size={demo.teacher_batch_size}", f"stage.optim.lr={demo.teacher_lr}",
             "stage.optim.backbone_lr_scale=1.0", "stage.optim.warmup_steps=50",
         ],
-        "align_attention": [pretrain, f"train.max_steps={demo.align_attention_steps}",
+        "align_attention": [*pretrain, f"train.max_steps={demo.align_attention_steps}",
                             f"stage.batch_size={demo.align_batch_size}", f"stage.optim.lr={demo.align_attention_lr}"],
-        "align_features": [pretrain, f"train.max_steps={demo.align_features_steps}",
+        "align_features": [*pretrain, f"train.max_steps={demo.align_features_steps}",
                            f"stage.batch_size={demo.align_batch_size}", f"stage.optim.lr={demo.align_features_lr}"],
         "finetune": [
             override("data.train", shards["finetune"]), override("data.val", shards["val"]),
@@ -135,22 +127,26 @@ def _teacher(cache: Path, recipe: list[str], user: list[str]) -> Path:
     """Train the softmax teacher once (classification on the pretraining split) and keep its backbone.
 
     The cache key is what determines the teacher's weights (model, stage, data, seed, steps, precision), so
-    overrides such as ``train.progress`` reuse it."""
+    overrides such as ``train.progress`` reuse it. A second demo that finds the teacher being trained waits for
+    it; a teacher run that was killed continues from its checkpoint."""
+    from adala.engine.rundir import cache_entry_lock
+
     cfg = compose(["stage=finetune_cls", *user, *recipe])
     train = cfg.train
     key = _digest([dataclasses.asdict(part) for part in (cfg.model, cfg.attention, cfg.stage, cfg.data)]
                   + [train.seed, train.max_steps, train.precision])
     path = cache / f"teacher-{key}.safetensors"
-    if path.is_file():
-        log.info("using the cached demo teacher %s", path)
-        return path
-    cfg.run_dir = str(cache / f"teacher-{key}-run")
-    result = run_stage(cfg)
-    # Keep the backbone only: every variant's Stage 3 starts from a fresh head.
-    metadata = read_export_metadata(result.export)
-    state = {k: v for k, v in read_state_dict(result.export).items() if not k.startswith("head.")}
-    save_export(state, path, {**metadata, "num_classes": 0, "stage": "demo_teacher",
-                              "pretrain_top1": result.metrics["top1"]})
+    with cache_entry_lock(cache / f".teacher-{key}.lock", f"the demo teacher {path}"):
+        if path.is_file():
+            log.info("using the cached demo teacher %s", path)
+            return path
+        cfg.run_dir, cfg.resume, cfg.overwrite = str(cache / f"teacher-{key}-run"), "auto", False
+        result = run_stage(cfg)
+        # Keep the backbone only: every variant's Stage 3 starts from a fresh head.
+        metadata = read_export_metadata(result.export)
+        state = {k: v for k, v in read_state_dict(result.export).items() if not k.startswith("head.")}
+        save_export(state, path, {**metadata, "num_classes": 0, "stage": "demo_teacher",
+                                  "pretrain_top1": result.metrics["top1"]})
     return path
 
 

@@ -7,17 +7,23 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Collection, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Collection, Iterable, Optional
 
 from adala.attention import get_kernel
 from adala.config import Config, StageConfig, to_yaml
 from adala.errors import UserError
-from adala.models import check_img_size, get_vfm
+from adala.models import check_img_size, model_spec
+
+if TYPE_CHECKING:
+    from adala.data.pipeline import DataPlan
 
 log = logging.getLogger(__name__)
 
 EXPORT_NAME = "model.safetensors"
-NEEDS_TEACHER_WEIGHTS = ("align_attention", "align_features")
+BEST_EXPORT_NAME = "best.safetensors"  # train.eval_every: the evaluated model with the best metric so far
+# Stages 1-2 align a linear-attention student to the pretrained softmax teacher: they need its weights, and
+# attention=softmax contradicts them.
+ALIGNMENT_STAGES = ("align_attention", "align_features")
 NEEDS_LABELS = {"finetune_cls": "num_classes", "finetune_seg": "num_seg_classes"}
 
 
@@ -36,6 +42,20 @@ def validate(cfg: Config, *, world_size: Optional[int] = None, pending: Collecti
     files that an earlier job of a pipeline will write (a Stage-1 export that Stage 2 starts from): they are
     not required to exist yet.
     """
+    return validate_run(cfg, world_size=world_size, pending=pending).cfg
+
+
+@dataclass(frozen=True)
+class ValidRun:
+    """A validated config with what validation resolved for it, passed down so that nothing is decided twice."""
+
+    cfg: Config
+    data: DataPlan
+    attention: dict[str, Any]  # the trained model's: {"kind": "softmax"} or {"kind": "linear", "kernel", "eps"}
+
+
+def validate_run(cfg: Config, *, world_size: Optional[int] = None, pending: Collection[str] = ()) -> ValidRun:
+    """:func:`validate`, returning the data plan and the normalised attention as well."""
     from adala.data.pipeline import check_data
     from adala.data.transforms import TRANSFORMS
     from adala.engine.distributed import launched_world_size
@@ -45,19 +65,14 @@ def validate(cfg: Config, *, world_size: Optional[int] = None, pending: Collecti
 
     stage = _require_stage(cfg)
     module = get_stage(stage.name)
-    spec = get_vfm(cfg.model.name)
-    cfg.model.img_size = cfg.model.img_size or spec.img_size
+    spec = model_spec(cfg.model)  # the composed entry with the user's overrides; null fields from timm
+    cfg.model.img_size = cfg.model.img_size or spec.native_img_size
     check_img_size(spec, cfg.model.img_size)
-    if cfg.attention.kind not in ("linear", "softmax"):
-        raise UserError(f"unknown attention kind {cfg.attention.kind!r}; use attention=elu1 (linear) or attention=softmax")
-    try:
-        get_kernel(cfg.attention.kernel)
-    except ValueError as err:
-        raise UserError(str(err)) from None
+    attention = _attention(cfg, stage)
     for key, path in (("model.weights", cfg.model.weights), ("stage.init", stage.init)):
         if path is not None and path not in pending and not os.path.isfile(path):
             raise UserError(f"{key}={path}: file not found; point it at a weight file or an adala export")
-    if stage.name in NEEDS_TEACHER_WEIGHTS and cfg.model.weights is None:
+    if stage.name in ALIGNMENT_STAGES and cfg.model.weights is None:
         raise UserError(f"stage {stage.name} aligns to a pretrained teacher; set model.weights=PATH to its weights")
     if stage.name in NEEDS_LABELS and getattr(cfg.data, NEEDS_LABELS[stage.name]) <= 0:
         raise UserError(f"stage {stage.name} needs data.{NEEDS_LABELS[stage.name]}; pick a labelled data= config")
@@ -66,19 +81,64 @@ def validate(cfg: Config, *, world_size: Optional[int] = None, pending: Collecti
     for key, name in (("transform", cfg.data.train_transform or stage.transform), ("eval_transform", cfg.data.eval_transform)):
         if name not in TRANSFORMS:
             raise UserError(f"unknown {key} {name!r}; use one of {', '.join(TRANSFORMS)}")
+    if stage.batch_size <= 0:
+        raise UserError(f"stage.batch_size must be positive, got {stage.batch_size}")
     world_size = world_size or launched_world_size()
     check_strategy(cfg.strategy, precision=cfg.train.precision, device=cfg.train.device)
-    check_data(cfg.data, mode=module.STREAM, world_size=world_size)
+    data = check_data(cfg.data, mode=module.STREAM, world_size=world_size, batch_size=stage.batch_size)
+    if stage.epochs is None and stage.name == "align_features":
+        stage.epochs = cfg.model.align_features_epochs  # the paper's Stage-2 epochs for this model
     if cfg.train.max_steps is None:
-        if stage.epochs is None or cfg.data.train_samples is None:
-            raise UserError("set train.max_steps, or stage.epochs together with data.train_samples")
+        if stage.epochs is None or data.train_samples is None:
+            raise UserError("set train.max_steps, or stage.epochs and data.train_samples (the shards' manifest, "
+                            "written by `python -m adala.data write`, gives it)")
         global_batch = stage.batch_size * world_size  # stage.batch_size is per rank (per GPU)
-        cfg.train.max_steps = max(1, math.ceil(stage.epochs * cfg.data.train_samples / global_batch))
-    if cfg.train.max_steps <= 0 or stage.batch_size <= 0:
-        raise UserError("train.max_steps and stage.batch_size must be positive")
+        cfg.train.max_steps = max(1, math.ceil(stage.epochs * data.train_samples / global_batch))
+    if cfg.train.max_steps <= 0:
+        raise UserError(f"train.max_steps must be positive, got {cfg.train.max_steps}")
     cfg.run_dir = cfg.run_dir or f"runs/{stage.name}-{cfg.model.name}"
+    _check_run(cfg, world_size)
+    return ValidRun(cfg=cfg, data=data, attention=attention)
+
+
+def _attention(cfg: Config, stage: StageConfig) -> dict[str, Any]:
+    """The attention of the model a stage trains, normalised; a choice that contradicts the stage is refused."""
+    attention = cfg.attention
+    if attention.kind == "softmax":
+        if stage.name in ALIGNMENT_STAGES:
+            raise UserError(f"stage {stage.name} trains linear attention, so attention=softmax contradicts it; "
+                            "drop attention=softmax or choose a kernel, e.g. attention=elu1")
+        return {"kind": "softmax"}
+    if attention.kind != "linear":
+        raise UserError(f"unknown attention kind {attention.kind!r}; use attention=elu1 (linear) or attention=softmax")
+    try:
+        get_kernel(attention.kernel)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    if attention.eps <= 0:
+        raise UserError(f"attention.eps must be positive, got {attention.eps}")
+    return {"kind": "linear", "kernel": attention.kernel, "eps": float(attention.eps)}
+
+
+def _check_run(cfg: Config, world_size: int) -> None:
+    """What the run writes and continues from: evaluation and exports while training, the run directory (on the
+    main rank, which alone writes it), and the checkpoint to resume from."""
+    from adala.engine.rundir import check_run_dir
+    from adala.logs import process_rank
+
+    train = cfg.train
+    for key in ("eval_every", "export_every"):
+        if getattr(train, key) < 0:
+            raise UserError(f"train.{key} must be a number of steps, or 0 for none; got {getattr(train, key)}")
+    if train.eval_every:
+        if cfg.stage.name not in NEEDS_LABELS:  # the labelled stages are the evaluated ones
+            raise UserError(f"train.eval_every: stage {cfg.stage.name} has no evaluation metric; only "
+                            f"{' and '.join(NEEDS_LABELS)} evaluate (drop train.eval_every)")
+        if not cfg.data.val:
+            raise UserError("train.eval_every evaluates on data.val; set data.val to validation shards")
+    if process_rank() == 0:
+        check_run_dir(Path(cfg.run_dir), resume=cfg.resume, overwrite=cfg.overwrite)
     _check_resume(cfg, world_size)
-    return cfg
 
 
 def _check_resume(cfg: Config, world_size: int) -> None:
@@ -100,57 +160,120 @@ def run_stage(cfg: Config, stream: Optional[Iterable[dict[str, Any]]] = None) ->
 
     Runs as one of several processes when launched by torchrun. ``stream`` replaces the configured training
     data with any iterable of batches (it is checkpointed too if it has ``state_dict``/``load_state_dict``).
+    The main rank holds the run directory's lock for the whole run.
     """
-    from adala.data.pipeline import eval_stream, train_stream
+    from adala.data.pipeline import train_stream
     from adala.data.transforms import build_transform
     from adala.engine import distributed
     from adala.engine.evaluate import evaluate
     from adala.engine.loop import fit
+    from adala.engine.rundir import clear_run_dir, lock_run_dir
     from adala.engine.state import seed_everything
     from adala.engine.strategies import build_strategy
+    from adala.logs import show_progress
     from adala.stages import get_stage
 
-    cfg = validate(cfg)
+    run = validate_run(cfg)
+    cfg = run.cfg
     stage = _require_stage(cfg)
     strategy = build_strategy(cfg.strategy, device=cfg.train.device, precision=cfg.train.precision, batch_size=stage.batch_size)
+    lock = None
     try:
         seed_everything(cfg.train.seed)  # the same initial weights on every rank
         module = get_stage(stage.name)
-        parts = module.build(cfg)  # loads the weights: a file that does not fit fails here, before anything is written
+        parts = module.build(cfg, run.attention)  # loads the weights: a file that does not fit fails here, before anything is written
         run_dir = Path(cfg.run_dir)
+        lock = lock_run_dir(run_dir, is_main=strategy.is_main)
         if strategy.is_main:
+            if cfg.overwrite:
+                removed = clear_run_dir(run_dir)
+                if removed:
+                    log.warning("overwrite=true: removed the earlier run's %s from %s", ", ".join(removed), run_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.yaml").write_text(to_yaml(cfg))
         seed_everything(cfg.train.seed + strategy.rank)  # different augmentations and dropout on each rank
-        spec = get_vfm(cfg.model.name)
+        spec = model_spec(cfg.model)
         if stream is None:
             transform = build_transform(cfg.data.train_transform or stage.transform, img_size=cfg.model.img_size,
                                         mean=spec.mean, std=spec.std)
-            stream = train_stream(cfg.data, fields=module.FIELDS, mode=module.STREAM, transform=transform,
+            stream = train_stream(run.data, fields=module.FIELDS, mode=module.STREAM, transform=transform,
                                   batch_size=stage.batch_size, seed=cfg.train.seed, rank=strategy.rank,
                                   world_size=strategy.world_size)
-        trainer = fit(parts, stream, _loop_config(cfg), strategy=strategy, run_dir=run_dir, resume=cfg.resume)
-        export = run_dir / "export" / EXPORT_NAME
-        state = strategy.full_state_dict(trainer.model)  # every rank takes part in gathering the shards
-        if strategy.is_main:
-            parts.export(state, export)
+        progress = show_progress(cfg.train.progress)
+        outputs = _Outputs(run, parts, strategy, fields=module.FIELDS, progress=progress)
+        trainer = fit(parts, stream, _loop_config(cfg, progress), strategy=strategy, run_dir=run_dir, resume=cfg.resume,
+                      periodic=outputs.periodic())
+        step = trainer.state.step
+        export = outputs.export(trainer.model, EXPORT_NAME, step=step)
         metrics: dict[str, float] = {}
-        if parts.metric is not None and cfg.data.val is not None:
-            eval_transform = build_transform(cfg.data.eval_transform, img_size=cfg.model.img_size, mean=spec.mean, std=spec.std)
-            val = eval_stream(cfg.data, fields=module.FIELDS, transform=eval_transform, batch_size=stage.batch_size,
-                              rank=strategy.rank, world_size=strategy.world_size)
-            metrics = evaluate(trainer.model, val, parts.metric(), strategy=strategy)
+        if parts.metric is not None and run.data.val:
+            validation = outputs.validation
+            metrics = validation.result_at(step) if validation is not None else None  # evaluated at the last step
+            if metrics is None:
+                metrics = evaluate(trainer.model, outputs.val_batches(), parts.metric(), strategy=strategy, progress=progress)
             if strategy.is_main:
-                (run_dir / "metrics.json").write_text(json.dumps({"step": trainer.state.step, **metrics}, indent=2) + "\n")
+                best = {"best": validation.best} if validation is not None else {}
+                (run_dir / "metrics.json").write_text(json.dumps({"step": step, **metrics, **best}, indent=2) + "\n")
         distributed.barrier()
     finally:
         strategy.close()
-    log.info("%s done after %d steps; export %s%s", stage.name, trainer.state.step, export,
+        if lock is not None:
+            lock.release()
+    log.info("%s done after %d steps; export %s%s", stage.name, step, export,
              "".join(f", {k} {v:.4f}" for k, v in metrics.items()))
-    return StageResult(run_dir=run_dir, export=export, steps=trainer.state.step, metrics=metrics)
+    return StageResult(run_dir=run_dir, export=export, steps=step, metrics=metrics)
 
 
-def _loop_config(cfg: Config) -> Any:
+class _Outputs:
+    """What a run writes besides checkpoints and logs: exports (the last, periodic ones, the best) and
+    evaluations, as the loop's periodic work (``train.eval_every``, ``train.export_every``)."""
+
+    def __init__(self, run: ValidRun, parts: Any, strategy: Any, *, fields: tuple[str, ...], progress: bool) -> None:
+        from adala.engine.evaluate import Validation
+
+        self.run, self.parts, self.strategy, self.fields = run, parts, strategy, fields
+        self.directory = Path(run.cfg.run_dir) / "export"
+        self.validation = None
+        if run.cfg.train.eval_every:
+            self.validation = Validation(self.val_batches, parts.metric, strategy=strategy, progress=progress,
+                                         keep_best=lambda model, best: self.export(model, BEST_EXPORT_NAME, **best))
+
+    def export(self, model: Any, name: str, **metadata: Any) -> Path:
+        """Write ``export/<name>`` with ``metadata`` (a collective: every rank gathers its shards, rank 0 writes)."""
+        state = self.strategy.full_state_dict(model)
+        path = self.directory / name
+        if self.strategy.is_main:
+            self.parts.export(state, path, **metadata)
+        return path
+
+    def val_batches(self) -> Iterable[dict[str, Any]]:
+        """This rank's part of a fresh pass over ``data.val``."""
+        from adala.data.pipeline import eval_stream
+        from adala.data.transforms import build_transform
+
+        cfg = self.run.cfg
+        spec = model_spec(cfg.model)
+        transform = build_transform(cfg.data.eval_transform, img_size=cfg.model.img_size, mean=spec.mean, std=spec.std)
+        return eval_stream(self.run.data, fields=self.fields, transform=transform,
+                           batch_size=cfg.stage.batch_size, rank=self.strategy.rank, world_size=self.strategy.world_size)
+
+    def periodic(self) -> list[Any]:
+        from adala.engine.loop import Periodic
+
+        train = self.run.cfg.train
+        work = []
+        if self.validation is not None:
+            work.append(Periodic("validation", train.eval_every, self.validation, at_end=True, state=self.validation))
+        if train.export_every:
+            work.append(Periodic("export", train.export_every, self._periodic_export))
+        return work
+
+    def _periodic_export(self, model: Any, step: int) -> dict[str, float]:
+        self.export(model, f"step-{step}.safetensors", step=step)
+        return {}
+
+
+def _loop_config(cfg: Config, progress: bool) -> Any:
     from adala.engine.loop import LoopConfig
 
     optim = cfg.stage.optim
@@ -166,7 +289,7 @@ def _loop_config(cfg: Config) -> Any:
         save_every=cfg.train.save_every,
         keep_last=cfg.train.keep_last,
         max_nonfinite_steps=cfg.train.max_nonfinite_steps,
-        progress=cfg.train.progress,
+        progress=progress,
         meta=_run_meta(cfg),
     )
 
@@ -182,4 +305,4 @@ def _require_stage(cfg: Config) -> StageConfig:
     return cfg.stage
 
 
-__all__: list[Any] = ["StageResult", "run_stage", "validate"]
+__all__: list[Any] = ["StageResult", "ValidRun", "run_stage", "validate", "validate_run"]

@@ -33,7 +33,7 @@ import torch
 
 from adala.config import DataConfig
 from adala.data.decode import decode_image
-from adala.data.pipeline import train_stream
+from adala.data.pipeline import resolve_data, train_stream
 from adala.data.tario import write_samples
 from adala.data.transforms import build_transform
 from adala.eval.efficiency import device_name
@@ -94,7 +94,7 @@ def measure(args: argparse.Namespace, jpegs: list[bytes], shard: str) -> list[di
         batches = len(jpegs) // BATCH
 
         def read() -> int:
-            stream = iter(train_stream(data, fields=("image",), mode="resampled", transform=align, batch_size=BATCH,
+            stream = iter(train_stream(resolve_data(data), fields=("image",), mode="resampled", transform=align, batch_size=BATCH,
                                        seed=0, rank=0, world_size=1))
             return sum(next(stream)["image"].shape[0] for _ in range(batches))
 

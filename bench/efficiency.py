@@ -35,6 +35,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from adala.errors import UserError, require_extra
 from adala.eval.efficiency import DTYPES, count_flops, default_peak_tflops, describe, device_name, measure
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -325,6 +326,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
+    try:
+        require_extra("matplotlib", "the plot of python -m bench.efficiency")
+    except UserError as err:
+        print(f"bench.efficiency: error: {err}", file=sys.stderr)
+        sys.exit(2)
     report = header(args, argv)
     load_at_start = round(os.getloadavg()[0], 2)
     results: list[dict[str, Any]] = []

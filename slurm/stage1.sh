@@ -3,6 +3,7 @@
 #
 #   sbatch slurm/stage1.sh model=dinov2_l strategy=fsdp run_dir=runs/dinov2_l/s1 [overrides ...]
 #   sbatch --nodes=4 --time=48:00:00 slurm/stage1.sh ...   # sbatch options on the command line win over these
+#   adala slurm-script stage1 > stage1.sh                 # this script, from an installed adala (no checkout)
 #
 # The job validates its config first (a mistake ends it with exit code 2 and one line in the log), always runs
 # with resume=auto, and 5 minutes before its time limit (--signal) saves a checkpoint and requeues itself.

@@ -5,6 +5,7 @@
 #   sbatch slurm/stage3.sh model=dinov2_l data=in1k stage.init=runs/dinov2_l/s2/export/model.safetensors ...
 #   sbatch slurm/stage3.sh stage=finetune_seg data=ade20k stage.init=... run_dir=runs/dinov2_l/s3_ade20k ...
 #   sbatch --nodes=4 --time=48:00:00 slurm/stage3.sh ...   # sbatch options on the command line win over these
+#   adala slurm-script stage3 > stage3.sh                 # this script, from an installed adala (no checkout)
 #
 # The job validates its config first (a mistake ends it with exit code 2 and one line in the log), always runs
 # with resume=auto, and 5 minutes before its time limit (--signal) saves a checkpoint and requeues itself.

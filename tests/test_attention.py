@@ -229,7 +229,7 @@ def test_from_softmax_copies_weights_and_keys(config: dict) -> None:
     attn = make_timm_attention(**config)
     linear = LinearAttention.from_softmax(attn)
     theirs, ours = attn.state_dict(), linear.state_dict()
-    assert set(ours) == set(theirs)
+    assert set(ours) == set(theirs) | {"linear_config"}  # the kernel's record: a softmax model refuses the state
     for key, value in theirs.items():
         assert torch.equal(ours[key], value), key
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from adala.config import DataConfig
-from adala.data.pipeline import check_data, eval_stream, train_stream
+from adala.data.pipeline import check_data, eval_stream, resolve_data, train_stream
 from adala.data.shards import expand_urls
 from adala.data.tario import encode_png, write_samples
 from adala.data.transforms import build_transform
@@ -35,7 +35,7 @@ def samples(count: int, corrupt: tuple[int, ...] = ()) -> list[dict]:
 
 
 def read_all(data: DataConfig, fields: tuple[str, ...] = ("image", "label")) -> tuple[list[dict], dict[str, int]]:
-    stream = eval_stream(data, fields=fields, transform=PLAIN, batch_size=4, rank=0, world_size=1)
+    stream = eval_stream(resolve_data(data), fields=fields, transform=PLAIN, batch_size=4, rank=0, world_size=1)
     return list(stream), stream.counters()
 
 
@@ -71,30 +71,32 @@ def test_expand_urls(tmp_path: Path) -> None:
 def test_check_data_names_the_fix(tmp_path: Path) -> None:
     write_samples(samples(30), tmp_path, split="train", per_shard=10)
     three = str(tmp_path / "train-{000000..000002}.tar")
-    check_data(DataConfig(train=three), mode="epoch", world_size=3)
+    check_data(DataConfig(train=three), mode="epoch", world_size=3, batch_size=1)
     with pytest.raises(UserError, match="data.train is not set"):
-        check_data(DataConfig(), mode="resampled", world_size=1)
+        check_data(DataConfig(), mode="resampled", world_size=1, batch_size=1)
     with pytest.raises(UserError, match="fewer than the 4 readers .*lower data.workers"):
-        check_data(DataConfig(train=three, workers=2), mode="epoch", world_size=2)
-    check_data(DataConfig(train=three, workers=2), mode="resampled", world_size=2)  # draws with replacement: fine
+        check_data(DataConfig(train=three, workers=2), mode="epoch", world_size=2, batch_size=1)
+    check_data(DataConfig(train=three, workers=2), mode="resampled", world_size=2, batch_size=1)  # draws with replacement: fine
     with pytest.raises(UserError, match="data.workers must be 0 or more"):
-        check_data(DataConfig(train=three, workers=-1), mode="resampled", world_size=1)
+        check_data(DataConfig(train=three, workers=-1), mode="resampled", world_size=1, batch_size=1)
     (tmp_path / "train.manifest.json").unlink()
     with pytest.raises(UserError, match="set data.train_samples"):
-        check_data(DataConfig(train=three), mode="epoch", world_size=1)
-    check_data(DataConfig(train=three, train_samples=30), mode="epoch", world_size=1)
+        check_data(DataConfig(train=three), mode="epoch", world_size=1, batch_size=1)
+    check_data(DataConfig(train=three, train_samples=30), mode="epoch", world_size=1, batch_size=1)
+    with pytest.raises(UserError, match="30 samples, less than one batch for each of the 3 readers"):
+        check_data(DataConfig(train=three, train_samples=30), mode="epoch", world_size=3, batch_size=11)
 
 
 def test_shard_list_that_differs_from_its_manifest_is_warned_about(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     write_samples(samples(30), tmp_path, split="train", per_shard=10)
     with caplog.at_level(logging.WARNING, logger="adala.data"):
-        check_data(DataConfig(train=str(tmp_path / "train-{000000..000001}.tar")), mode="resampled", world_size=1)
+        check_data(DataConfig(train=str(tmp_path / "train-{000000..000001}.tar")), mode="resampled", world_size=1, batch_size=1)
     assert "1 of its shard(s) not listed (train-000002.tar)" in caplog.text
     caplog.clear()
     with open(tmp_path / "train-000001.tar", "ab") as shard:
         shard.write(b"\0" * 512)
     with caplog.at_level(logging.WARNING, logger="adala.data"):
-        check_data(DataConfig(train=str(tmp_path / "train-{000000..000002}.tar")), mode="resampled", world_size=1)
+        check_data(DataConfig(train=str(tmp_path / "train-{000000..000002}.tar")), mode="resampled", world_size=1, batch_size=1)
     assert "1 shard(s) whose size differs from it (train-000001.tar)" in caplog.text
 
 
@@ -128,7 +130,7 @@ def test_stream_of_unusable_samples_stops_with_an_error(tmp_path: Path) -> None:
         del item["seg.png"]
     write_samples(items, tmp_path, split="train", per_shard=4)
     data = DataConfig(train=str(tmp_path / "train-{000000..000001}.tar"), shuffle_buffer=0)
-    stream = train_stream(data, fields=("image", "mask"), mode="epoch", transform=PLAIN, batch_size=2, seed=0, rank=0, world_size=1)
+    stream = train_stream(resolve_data(data), fields=("image", "mask"), mode="epoch", transform=PLAIN, batch_size=2, seed=0, rank=0, world_size=1)
     with pytest.raises(UserError, match="could not be used.*image, mask"):
         next(iter(stream))
 
@@ -159,7 +161,7 @@ def test_data_groups_compose_and_their_placeholder_shards_name_the_fix(name: str
     data = compose([f"data={name}"]).data
     assert data.name == name and data.train_samples > 0 and (data.num_classes > 0 or data.num_seg_classes > 0 or name == "coco")
     with pytest.raises(UserError, match=rf"shard /data/{name}/train-000000.tar and \d+ more not found"):
-        check_data(data, mode="epoch", world_size=1)
+        check_data(data, mode="epoch", world_size=1, batch_size=1)
     with pytest.raises(UserError, match="unknown config key 'data.wrkers'"):
         compose([f"data={name}", "data.wrkers=2"])
 

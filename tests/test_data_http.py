@@ -1,5 +1,5 @@
-"""Shards served over HTTP (a server on 127.0.0.1 in this process) stream into a real Stage-2 run; a shard the
-server does not have is skipped and counted."""
+"""Shards served over HTTP (a server on 127.0.0.1 in this process) stream into real stage runs; a shard the
+server does not have is skipped and counted, and each manifest is fetched once per run."""
 from __future__ import annotations
 
 import functools
@@ -44,7 +44,7 @@ def test_stage2_trains_on_shards_over_http(tmp_path: Path, served: tuple[str, li
     shards = f"{base}/pretrain-{{000000..000002}}.tar::{base}/gone-{{000000..000008}}.tar"
     result = run_stage(compose([
         "stage=align_features", override("run_dir", tmp_path), override("model.weights", random_teacher),
-        override("data.train", shards), "data.http_retries=0", "data.http_timeout=10", "data.shuffle_buffer=50", "data.workers=2",
+        "data=demo", override("data.train", shards), "data.http_retries=0", "data.http_timeout=10", "data.shuffle_buffer=50", "data.workers=2",
         "stage.batch_size=8", "train.max_steps=6", "train.log_every=1", "train.progress=false",
     ]))
     assert result.steps == 6
@@ -56,3 +56,16 @@ def test_stage2_trains_on_shards_over_http(tmp_path: Path, served: tuple[str, li
     unreachable = [r.get("data/skipped_unreachable", 0) for r in records]
     assert unreachable[-1] >= 1 and any(p.startswith("/gone-") for p in requested)
     assert unreachable == sorted(unreachable), "counts are cumulative"
+
+
+def test_each_manifest_is_read_once_per_run(tmp_path: Path, served: tuple[str, list[str]], random_teacher: str) -> None:
+    """Validation resolves the shard lists and their manifests once (the data plan); the epoch-mode training stream
+    and the evaluation stream read from that plan."""
+    base, requested = served
+    result = run_stage(compose([
+        "stage=finetune_cls", "data=demo", override("run_dir", tmp_path), override("model.weights", random_teacher),
+        override("data.train", f"{base}/finetune-000000.tar"), override("data.val", f"{base}/val-000000.tar"),
+        "stage.batch_size=8", "train.max_steps=2", "train.progress=false",
+    ]))
+    assert 0.0 <= result.metrics["top1"] <= 1.0
+    assert requested.count("/finetune.manifest.json") == 1 and requested.count("/val.manifest.json") == 1, requested

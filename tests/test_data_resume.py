@@ -17,7 +17,7 @@ def test_resume_with_workers_matches_the_uninterrupted_run(tmp_path: Path, demo_
     def run(run_dir: Path, *extra: str):
         return run_stage(compose([
             "stage=finetune_cls", override("run_dir", run_dir), override("model.weights", random_teacher),
-            override("data.train", demo_shards["pretrain"]), "data.workers=2", "data.shuffle_buffer=64",
+            "data=demo", override("data.train", demo_shards["pretrain"]), "data.workers=2", "data.shuffle_buffer=64",
             "stage.batch_size=16", "train.max_steps=30", "train.save_every=13", "train.keep_last=3", "train.progress=false", *extra,
         ]))
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from adala.config import DataConfig
-from adala.data.pipeline import eval_stream, train_stream
+from adala.data.pipeline import eval_stream, resolve_data, train_stream
 from adala.data.stream import TrainStream
 from adala.data.tario import encode_png, write_tar
 from adala.data.transforms import build_transform
@@ -41,7 +41,7 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 def stream(pattern: str, mode: str, workers: int, rank: int = 0, world_size: int = 1, batch_size: int = 8) -> TrainStream:
     data = DataConfig(train=pattern, train_samples=120, workers=workers, shuffle_buffer=16)
-    return train_stream(data, fields=("image", "label"), mode=mode, transform=ALIGN, batch_size=batch_size, seed=7,
+    return train_stream(resolve_data(data), fields=("image", "label"), mode=mode, transform=ALIGN, batch_size=batch_size, seed=7,
                         rank=rank, world_size=world_size)
 
 
@@ -80,7 +80,7 @@ def test_epoch_mode_equalises_ranks_and_splits_each_epoch(tmp_path: Path) -> Non
     data = DataConfig(train=pattern, train_samples=67, shuffle_buffer=8)
     per_rank = []
     for rank in (0, 1):
-        source = train_stream(data, fields=("image", "label"), mode="epoch", transform=PLAIN, batch_size=8, seed=3,
+        source = train_stream(resolve_data(data), fields=("image", "label"), mode="epoch", transform=PLAIN, batch_size=8, seed=3,
                               rank=rank, world_size=2)
         assert source.slots.batches_per_epoch == 67 // 16
         epoch = take(source, 4)
@@ -94,7 +94,7 @@ def test_evaluation_sees_every_sample_once_over_2_ranks_x_2_workers(tmp_path: Pa
     data = DataConfig(val=write_labelled(tmp_path, sizes), workers=2)
     seen, per_rank = [], []
     for rank in (0, 1):
-        batches = list(eval_stream(data, fields=("image", "label"), transform=PLAIN, batch_size=4, rank=rank, world_size=2))
+        batches = list(eval_stream(resolve_data(data), fields=("image", "label"), transform=PLAIN, batch_size=4, rank=rank, world_size=2))
         per_rank.append(sum(len(b["label"]) for b in batches))
         seen += torch.cat([b["label"] for b in batches]).tolist()
     assert sorted(seen) == list(range(sum(sizes)))

@@ -37,7 +37,7 @@ def run(command: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
 
 def stage2(run_dir: Path, shards: dict[str, str], teacher: str, *extra: str) -> list[str]:
     return ["stage=align_features", override("run_dir", run_dir), override("model.weights", teacher),
-            override("data.train", shards["pretrain"]), "train.log_every=1", "train.progress=false", *extra]
+            "data=demo", override("data.train", shards["pretrain"]), "train.log_every=1", "train.progress=false", *extra]
 
 
 def losses(run_dir: Path) -> list[float]:
@@ -181,7 +181,7 @@ def test_evaluation_over_two_ranks_counts_every_sample_once(tmp_path: Path, rand
     from adala.data.demo_data import ensure_demo_shards
 
     demo_shards = ensure_demo_shards(tmp_path / "shards", {"finetune": 128, "val": 96}, per_shard=32)
-    common = ["stage=finetune_cls", override("data.train", demo_shards["finetune"]), override("data.val", demo_shards["val"]),
+    common = ["stage=finetune_cls", "data=demo", override("data.train", demo_shards["finetune"]), override("data.val", demo_shards["val"]),
               "data.num_classes=12", "stage.batch_size=5", "train.progress=false", "train.save_every=1000"]
     two = tmp_path / "two"
     run(torchrun(2, "-m", "adala", *common, "strategy=fsdp", override("run_dir", two),

@@ -87,7 +87,7 @@ def test_user_command_measures_an_export(linear_export: Path, tmp_path: Path) ->
 @pytest.mark.parametrize("args, fix", [
     (["missing.safetensors"], "pass the path of an export"),
     (["{export}", "--dtype", "fp8"], "use one of float32, bfloat16, float16"),
-    (["{export}", "--img-size", "30"], "use e.g. 28 or 32"),
+    (["{export}", "--img-size", "-4"], "not a positive number of pixels; use e.g. 32"),
 ])
 def test_user_command_bad_input_is_one_line(linear_export: Path, capsys, args: list[str], fix: str) -> None:
     assert bench.main([a.format(export=linear_export) for a in args]) == 2

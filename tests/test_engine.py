@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,7 +29,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 def stage_overrides(run_dir: Path, shards: dict[str, str], teacher: str, *extra: str) -> list[str]:
     return [
-        "stage=align_features", override("run_dir", run_dir), override("model.weights", teacher), override("data.train", shards['pretrain']),
+        "stage=align_features", override("run_dir", run_dir), override("model.weights", teacher), "data=demo",
+        override("data.train", shards['pretrain']),
         "stage.batch_size=8", "train.log_every=1", "train.progress=false", *extra,
     ]
 
@@ -69,6 +71,23 @@ def test_checkpoint_manager_keeps_last_and_skips_incomplete(tmp_path: Path, capl
     shard.unlink()  # a missing shard
     with pytest.raises(UserError, match="no usable checkpoint"):
         checkpoints.latest()
+
+
+def test_checkpoints_past_a_rewound_run_are_removed_not_kept(tmp_path: Path) -> None:
+    """A run resumed from an earlier checkpoint (resume=PATH) replaces the later ones as it passes them; keep-last
+    never keeps an abandoned run's later checkpoints in place of this run's, where resume=auto would pick them."""
+    model, state = torch.nn.Linear(4, 4), TrainState()
+    checkpoints = manager(tmp_path, model, state, keep_last=4)
+    for step in (1, 2, 3, 4):
+        state.step = step
+        checkpoints.save(step)
+    rewound_state = TrainState()
+    rewound = manager(tmp_path, model, rewound_state)
+    assert rewound.load(tmp_path / "step-2") == 2
+    rewound_state.step = 3
+    rewound.save(3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-2", "step-3"]
+    assert rewound.latest() == tmp_path / "step-3"
 
 
 def test_checkpoint_of_another_stage_is_refused(tmp_path: Path) -> None:
@@ -166,3 +185,134 @@ def test_sigterm_saves_and_exits_for_requeue(tmp_path: Path, demo_shards: dict[s
     resumed = run_stage(compose([*overrides[:-2], "train.max_steps=" + str(step + 3), "resume=auto"]))
     assert resumed.steps == step + 3
     assert logged_steps(run_dir) == list(range(1, step + 4))
+
+
+def test_periodic_work_runs_on_its_steps_and_leaves_training_exactly_as_it_was(tmp_path: Path) -> None:
+    """Work between steps that draws on the RNG (as a DataLoader's seed does) leaves a model with dropout trained
+    exactly as without it; its scalars are logged with its steps."""
+    from adala.engine.loop import LoopConfig, Periodic, StageParts, StepOutput, fit
+
+    class Noisy(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear, self.dropout = torch.nn.Linear(8, 1), torch.nn.Dropout(0.5)
+
+        def forward(self, batch: dict[str, torch.Tensor]) -> StepOutput:
+            return StepOutput(loss=self.linear(self.dropout(batch["image"])).pow(2).mean())
+
+    def train(run_dir: Path, periodic: list[Periodic]) -> torch.Tensor:
+        torch.manual_seed(0)
+        parts = StageParts(model=Noisy(), param_groups=lambda model: [{"params": list(model.parameters())}],
+                           export=lambda state, path, **metadata: path)
+        batches = ({"image": torch.randn(4, 8, generator=torch.Generator().manual_seed(i))} for i in range(100))
+        trainer = fit(parts, batches, LoopConfig(max_steps=6, lr=0.1, log_every=100, progress=False),
+                      strategy=Strategy(StrategyConfig(), device="cpu"), run_dir=run_dir, periodic=periodic)
+        return trainer.model.linear.weight.detach().clone()
+
+    calls: list[int] = []
+
+    def draw(model: torch.nn.Module, step: int) -> dict[str, float]:
+        calls.append(step)
+        return {"drawn": float(torch.rand(()))}
+
+    with_work = train(tmp_path / "with", [Periodic("draw", 4, draw, at_end=True)])
+    assert calls == [4, 6]
+    assert torch.equal(with_work, train(tmp_path / "without", []))
+    assert [(r["step"], "drawn" in r) for r in map(json.loads, (tmp_path / "with" / "log.jsonl").read_text().splitlines())] \
+        == [(4, True), (6, True)]
+
+
+def finetune_overrides(run_dir: Path, shards: dict[str, str], teacher: str, *extra: str) -> list[str]:
+    return [
+        "stage=finetune_cls", "data=demo", override("run_dir", run_dir), override("model.weights", teacher),
+        override("data.train", shards["finetune"]), override("data.val", shards["val"]), "stage.batch_size=8",
+        "train.max_steps=6", "train.log_every=1", "train.progress=false", *extra,
+    ]
+
+
+def tensorboard_scalars(run_dir: Path, tag: str) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tb"))
+    events.Reload()
+    return {event.step: event.value for event in events.Scalars(tag)}
+
+
+def assert_same_weights(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert actual.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(actual[key], expected[key]), key
+
+
+def test_evaluation_while_training_logs_keeps_best_and_leaves_training_alone(
+    tmp_path: Path, demo_shards: dict[str, str], random_teacher: str
+) -> None:
+    from adala.models.weights import read_export_metadata
+
+    run_dir = tmp_path / "eval"
+    # Training draws on the torch RNG (drop-path), and so does each evaluation (its DataLoader's worker seed).
+    randomness = ("data.workers=1", "+model.timm_kwargs.drop_path_rate=0.2")
+    result = run_stage(compose(finetune_overrides(run_dir, demo_shards, random_teacher, "train.eval_every=2",
+                                                  "train.export_every=2", "train.save_every=3", *randomness)))
+    records = {r["step"]: r for r in map(json.loads, (run_dir / "log.jsonl").read_text().splitlines())}
+    evaluated = {step: r["val/top1"] for step, r in records.items() if "val/top1" in r}
+    assert sorted(evaluated) == [2, 4, 6] and sorted(records) == list(range(1, 7))
+    assert tensorboard_scalars(run_dir, "val/top1") == pytest.approx(evaluated)
+    assert result.metrics["top1"] == pytest.approx(evaluated[6])
+
+    exports = run_dir / "export"
+    assert sorted(p.name for p in exports.iterdir()) == [
+        "best.safetensors", "model.safetensors", "step-2.safetensors", "step-4.safetensors", "step-6.safetensors"]
+    best_step = max(evaluated, key=lambda step: (evaluated[step], -step))  # the first of equal values stays best
+    best = read_export_metadata(exports / "best.safetensors")
+    assert best["step"] == best_step and best["top1"] == pytest.approx(evaluated[best_step])
+    assert_same_weights(read_state_dict(exports / "best.safetensors"), read_state_dict(exports / f"step-{best_step}.safetensors"))
+    assert read_export_metadata(exports / "step-4.safetensors")["step"] == 4
+    assert json.loads((run_dir / "metrics.json").read_text())["best"] == {"step": best_step, "top1": best["top1"]}
+
+    # Evaluation and exports do not change training: the same final weights as a run without them.
+    plain = run_stage(compose(finetune_overrides(tmp_path / "plain", demo_shards, random_teacher, "train.save_every=3",
+                                                 *randomness)))
+    assert_same_weights(read_state_dict(result.export), read_state_dict(plain.export))
+
+    # A run resumed from the middle (step 3) evaluates again at 4 and 6 and ends exactly where the whole run did.
+    final, best_before = read_state_dict(result.export), best
+    shutil.rmtree(run_dir / "checkpoints" / "step-6")
+    for name in ("best.safetensors", "model.safetensors", "step-4.safetensors", "step-6.safetensors"):
+        (exports / name).unlink()
+    resumed = run_stage(compose(finetune_overrides(run_dir, demo_shards, random_teacher, "train.eval_every=2",
+                                                   "train.export_every=2", "train.save_every=3", *randomness, "resume=auto")))
+    assert_same_weights(read_state_dict(resumed.export), final)
+    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 7))
+    assert {r["step"]: r["val/top1"] for r in records if "val/top1" in r} == pytest.approx(evaluated)
+    if best_step > 3:  # the best is rewritten only by an evaluation after the checkpoint it resumed from
+        assert read_export_metadata(exports / "best.safetensors") == best_before
+    else:
+        assert not (exports / "best.safetensors").exists()
+
+
+@pytest.mark.multiprocess
+def test_evaluation_and_exports_are_collectives_under_fsdp(
+    tmp_path: Path, demo_shards: dict[str, str], random_teacher: str
+) -> None:
+    """Two ranks evaluate and export together (the one val shard gives rank 1 no batches of its own), rank 0
+    writes; log lines name their rank and rank 1 logs no INFO."""
+    from adala.models.weights import read_export_metadata
+
+    run_dir = tmp_path / "fsdp"
+    overrides = [*finetune_overrides(run_dir, demo_shards, random_teacher, "strategy=fsdp", "train.max_steps=4",
+                                     "train.eval_every=2", "train.export_every=2", "stage.batch_size=4"),
+                 override("data.train", demo_shards["pretrain"])]  # 3 shards: one per rank at least
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           "-m", "adala", *overrides], cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-4000:]
+    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "val/top1" in r] == [2, 4]
+    assert sorted(p.name for p in (run_dir / "export").iterdir()) == [
+        "best.safetensors", "model.safetensors", "step-2.safetensors", "step-4.safetensors"]
+    assert read_export_metadata(run_dir / "export" / "best.safetensors")["step"] in (2, 4)
+    assert json.loads((run_dir / "metrics.json").read_text())["val_images"] == 96
+    assert "[rank 0] INFO" in done.stderr and "[rank 1] INFO" not in done.stderr
+    assert "\r" not in done.stderr

@@ -1,4 +1,5 @@
-"""Tests for adala.models: the registry, build_vfm, weight loading, linearize and exports.
+"""Tests for adala.models: build_vfm, weight loading, linearize and exports (model entries and resolutions:
+``test_model_configs.py``).
 
 Every model is built with random weights (there is no network to the model hubs) at a small resolution.
 Files in foreign layouts (original DINOv2, OpenAI CLIP) are produced by inverting timm's converters.
@@ -7,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import re
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional
@@ -15,7 +15,6 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 import pytest
 import timm
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -23,10 +22,12 @@ import adala.models.weights as weights_module
 from adala.attention import KERNELS, LinearAttention
 from adala.errors import UserError
 from adala.models import (
-    VFMS, attention_config, build_vfm, get_vfm, linearize, list_vfms, load_weights, save_export,
+    VFMSpec, attention_config, build_vfm, get_vfm, linearize, list_vfms, load_weights, read_export_metadata,
+    save_export,
 )
 
 SMALL_MODELS = ("demo_tiny", "dinov2_s")
+BUILT_IN = [name for name in list_vfms() if name != "timm"]  # model=timm is a template: it needs model.timm_id
 PATCHES = 4  # images are PATCHES × PATCHES patches unless a test says otherwise
 LINEAR_EXPORT = {"kind": "linear", "kernel": "relu", "eps": 1e-4}  # not the defaults, so they must be carried
 
@@ -34,8 +35,12 @@ LINEAR_EXPORT = {"kind": "linear", "kernel": "relu", "eps": 1e-4}  # not the def
 # ---------------------------------------------------------------------------------------------------- helpers
 
 
-def size_for(name: str, patches: int = PATCHES) -> int:
-    return patches * get_vfm(name).patch_size
+def spec_of(model: str | VFMSpec) -> VFMSpec:
+    return get_vfm(model) if isinstance(model, str) else model
+
+
+def size_for(model: str | VFMSpec, patches: int = PATCHES) -> int:
+    return patches * spec_of(model).patch_size
 
 
 def is_large(name: str) -> bool:
@@ -79,7 +84,7 @@ def perturb_(model: nn.Module) -> nn.Module:
     return model
 
 
-def random_model(name: str, patches: int = PATCHES, **kwargs: Any) -> nn.Module:
+def random_model(name: str | VFMSpec, patches: int = PATCHES, **kwargs: Any) -> nn.Module:
     return perturb_(build_vfm(name, img_size=size_for(name, patches), **kwargs))
 
 
@@ -149,14 +154,14 @@ def write(fmt: str, state: Mapping[str, Tensor], directory: Path, stem: str = "w
     return path
 
 
-def build_loaded(name: str, path: Path, patches: int = PATCHES, **kwargs: Any) -> nn.Module:
+def build_loaded(name: str | VFMSpec, path: Path, patches: int = PATCHES, **kwargs: Any) -> nn.Module:
     return build_vfm(name, img_size=size_for(name, patches), weights=path, **kwargs)
 
 
 # ---------------------------------------------------------------------------------- every registered model
 
 
-@pytest.mark.parametrize("name", with_slow_marks(list_vfms()))
+@pytest.mark.parametrize("name", with_slow_marks(BUILT_IN))
 def test_every_model_builds_and_linearizes(name: str) -> None:
     model = build_vfm(name, img_size=size_for(name))
     assert attention_config(model) == {"kind": "softmax"}
@@ -183,24 +188,7 @@ def test_build_with_linear_attention_request(name: str) -> None:
     assert attention_config(model) == {"kind": "linear", "kernel": "relu", "eps": 1e-3}
 
 
-# ------------------------------------------------------------------------------------- resolution and names
-
-
-def _bad_sizes(patch: int) -> list[int]:
-    return [PATCHES * patch + 1, (PATCHES + 1) * patch - 1, max(1, patch // 2)]
-
-
-@pytest.mark.parametrize("name", list_vfms())
-def test_img_size_not_multiple_of_patch(name: str) -> None:
-    patch = get_vfm(name).patch_size
-    for bad in _bad_sizes(patch):
-        message = assert_user_error(lambda: build_vfm(name, img_size=bad), str(bad))
-        numbers = {int(n) for n in re.findall(r"\d+", message)}
-        assert patch in numbers, f"patch size {patch} not named in {message!r}"
-        below, above = bad - bad % patch, bad - bad % patch + patch
-        suggested = {n for n in (below, above) if n > 0}
-        assert suggested & numbers, f"no valid neighbour of {bad} suggested in {message!r}"
-        assert all(n % patch == 0 for n in suggested & numbers)
+# ------------------------------------------------------------------------------------------------------ names
 
 
 def test_unknown_model_lists_valid_names() -> None:
@@ -235,7 +223,10 @@ def test_softmax_weights_linearized_on_request(name: str, tmp_path: Path) -> Non
     state = reference_state(name)
     model = build_loaded(name, write("safetensors", state, tmp_path), attention=LINEAR_EXPORT)
     assert is_linear(model) and attention_config(model) == LINEAR_EXPORT
-    assert_tensors_equal(state_of(model), state)
+    loaded = state_of(model)
+    records = {k for k in loaded if k.endswith(".attn.linear_config")}  # what only linear attention has
+    assert len(records) == len(model.blocks)
+    assert_tensors_equal(loaded, state, skip=records)
 
 
 def _prefix_tokens(pos_embed: Tensor, patches: int = PATCHES) -> int:
@@ -341,15 +332,14 @@ def to_openai_clip(state: Mapping[str, Tensor], embed_dim: int = 8) -> dict[str,
 
 
 @pytest.fixture
-def shallow_clip(monkeypatch: pytest.MonkeyPatch) -> str:
+def shallow_clip() -> VFMSpec:
     """clip_l with 2 blocks instead of 24: the same architecture (pre-norm, QuickGELU, no patch bias), built in
     a fraction of the time."""
     spec = get_vfm("clip_l")
-    monkeypatch.setitem(VFMS, "clip_l", dataclasses.replace(spec, timm_kwargs={**spec.timm_kwargs, "depth": 2}))
-    return "clip_l"
+    return dataclasses.replace(spec, timm_kwargs={**spec.timm_kwargs, "depth": 2})
 
 
-def test_openai_clip_layout(shallow_clip: str, tmp_path: Path) -> None:
+def test_openai_clip_layout(shallow_clip: VFMSpec, tmp_path: Path) -> None:
     state = state_of(random_model(shallow_clip))
     assert "norm_pre.weight" in state and "patch_embed.proj.bias" not in state  # really CLIP's architecture
 
@@ -421,18 +411,73 @@ def test_export_round_trip(linear_export: tuple[nn.Module, Path]) -> None:
         assert torch.equal(features(loaded, x), features(model, x))
 
 
-def test_export_loads_with_plain_timm(linear_export: tuple[nn.Module, Path]) -> None:
-    """What the README promises users: no adala loader needed, only timm and linearize."""
-    model, path = linear_export
-    with safe_open(str(path), framework="pt") as f:
-        metadata = json.loads(f.metadata()["adala"])
-    assert metadata["model"] == "demo_tiny"
-    spec = get_vfm(metadata["model"])
-    plain = timm.create_model(spec.timm_id, pretrained=False, img_size=spec.img_size, num_classes=0, **spec.timm_kwargs)
-    linearize(plain, kernel=metadata["attention"]["kernel"], eps=metadata["attention"]["eps"])
-    plain.load_state_dict(load_file(str(path)), strict=True)
-    x = images("demo_tiny", patches=8)
+SHALLOW_DINOV2 = dataclasses.replace(get_vfm("dinov2_s"), timm_kwargs={"depth": 2})  # dinov2_s, 2 blocks: fast
+
+
+def plain_timm_args(path: Path) -> dict[str, Any]:
+    """The README's plain-timm call for (2-block) dinov2_s, without the attention layer; weights from ``path``."""
+    return dict(model_name="vit_small_patch14_dinov2", depth=2, pretrained=True,
+                pretrained_cfg_overlay=dict(file=str(path)))
+
+
+@pytest.fixture
+def dinov2_export(tmp_path: Path) -> tuple[nn.Module, Path]:
+    """A linearized dinov2_s (non-default kernel and eps) at 4 × 4 patches and its export."""
+    model = linearize(random_model(SHALLOW_DINOV2), kernel=LINEAR_EXPORT["kernel"], eps=LINEAR_EXPORT["eps"])
+    return model, export(model, tmp_path / "model.safetensors", name="dinov2_s")
+
+
+def test_export_loads_with_plain_timm_in_one_line(dinov2_export: tuple[nn.Module, Path]) -> None:
+    """What the README promises: timm alone builds the linear model from an export, kernel and eps included."""
+    model, path = dinov2_export
+    plain = timm.create_model(**plain_timm_args(path), img_size=size_for("dinov2_s"), attn_layer="adala_linear")
+    assert is_linear(plain) and attention_config(plain) == LINEAR_EXPORT
+    x = images("dinov2_s")
     assert torch.equal(features(plain, x), features(model, x))
+
+
+def test_padded_export_loads_with_plain_timm(tmp_path: Path) -> None:
+    """A resolution that is not a multiple of the patch: the README's extra arguments rebuild the same model."""
+    model = linearize(build_vfm(SHALLOW_DINOV2, img_size=50))  # 4 × 4 patches of 14 px over 56², 50² of them image
+    path = export(model, tmp_path / "model.safetensors", name="dinov2_s")
+    plain = timm.create_model(**plain_timm_args(path), img_size=56, dynamic_img_pad=True, dynamic_img_size=True,
+                              attn_layer="adala_linear")
+    x = torch.randn(2, 3, 50, 50)
+    assert torch.equal(features(plain, x), features(model, x))
+
+
+def test_softmax_model_refuses_a_linear_export(dinov2_export: tuple[nn.Module, Path]) -> None:
+    """Plain timm with softmax attention, through its pretrained loader and through load_state_dict: both fail on
+    the linear-attention entries instead of loading weights that would compute something else."""
+    _, path = dinov2_export
+    with pytest.raises(RuntimeError, match=r"Unexpected key\(s\).*blocks\.0\.attn\.linear_config"):
+        timm.create_model(**plain_timm_args(path), img_size=size_for("dinov2_s"))
+    softmax = timm.create_model("vit_small_patch14_dinov2", depth=2, img_size=size_for("dinov2_s"))
+    with pytest.raises(RuntimeError, match=r"Unexpected key\(s\).*blocks\.0\.attn\.linear_config"):
+        softmax.load_state_dict(load_file(str(path)))
+
+
+def test_linear_weights_without_metadata_load_as_linear(dinov2_export: tuple[nn.Module, Path], tmp_path: Path) -> None:
+    """A plain state-dict file of a linear model: its linear-attention entries, not metadata, say what it holds."""
+    model, _ = dinov2_export
+    path = write("pth", state_of(model), tmp_path)
+    loaded = build_loaded(SHALLOW_DINOV2, path)
+    assert attention_config(loaded) == LINEAR_EXPORT
+    assert_tensors_equal(state_of(loaded), state_of(model))
+    assert_user_error(lambda: build_loaded(SHALLOW_DINOV2, path, attention={"kind": "softmax"}), str(path), "relu")
+
+
+def test_export_written_before_the_kernel_record_loads(tmp_path: Path) -> None:
+    """Exports from before LinearAttention stored its kernel: the metadata name the attention, the model keeps it."""
+    model = linearize(random_model("demo_tiny"), kernel=LINEAR_EXPORT["kernel"], eps=LINEAR_EXPORT["eps"])
+    state = {k: v for k, v in state_of(model).items() if not k.endswith(".attn.linear_config")}
+    assert len(state) < len(model.state_dict())
+    path = export(model, tmp_path / "old.safetensors")
+    save_export(state, path, read_export_metadata(path))
+    loaded = build_loaded("demo_tiny", path)
+    assert attention_config(loaded) == LINEAR_EXPORT
+    x = images("demo_tiny")
+    assert torch.equal(features(loaded, x), features(model, x))
 
 
 @pytest.mark.parametrize(

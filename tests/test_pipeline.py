@@ -15,7 +15,8 @@ from adala.run import run_stage
 
 
 def overrides(run_dir: Path, *extra: str) -> list[str]:
-    return [override("run_dir", run_dir), "train.log_every=1", "train.progress=false", *extra]
+    """A stage run on the demo's shards (``data=demo``: every stage defaults to the paper's data set)."""
+    return [override("run_dir", run_dir), "data=demo", "train.log_every=1", "train.progress=false", *extra]
 
 
 def test_stage1_lowers_every_block_loss(tmp_path: Path, demo_shards: dict[str, str], random_teacher: str) -> None:
@@ -34,7 +35,9 @@ def test_stage1_lowers_every_block_loss(tmp_path: Path, demo_shards: dict[str, s
     teacher = build_vfm("demo_tiny", weights=random_teacher)
     student = build_vfm("demo_tiny", weights=result.export)
     assert isinstance(student.blocks[0].attn, LinearAttention)
-    for (name, expected), actual in zip(teacher.state_dict().items(), student.state_dict().values()):
+    trained = student.state_dict()
+    for name, expected in teacher.state_dict().items():
+        actual = trained[name]
         if ".attn.qkv." in name:
             assert not torch.equal(expected, actual), name
         else:
@@ -66,12 +69,15 @@ def test_reduced_demo_writes_report(tmp_path: Path) -> None:
     sizes = [
         "demo.pretrain_samples=512", "demo.finetune_samples=256", "demo.val_samples=128", "demo.teacher_steps=10",
         "demo.align_attention_steps=5", "demo.align_features_steps=5", "demo.finetune_steps=5",
-        override("demo.cache_dir", tmp_path / "cache"), override("run_dir", tmp_path / 'demo'), "train.progress=false",
+        override("demo.cache_dir", tmp_path / "cache"), override("demo.run_dir", tmp_path / 'demo'), "train.progress=false",
     ]
     summary = run_demo(compose(sizes), sizes)
     report = json.loads((tmp_path / "demo" / "report.json").read_text())
     assert report == summary
     assert list(report["variants"]) == list(VARIANTS)
+    jobs = tmp_path / "demo" / "demo_tiny"  # the stage runs are the jobs of the pipelines' graph
+    assert all((jobs / run / "export" / "model.safetensors").is_file()
+               for run in ("s1_align_attention", "s2_align_features", "s2_without_s1", "s3_cls", "s3_scratch_linear_seg"))
     for row in report["variants"].values():
         assert 0.0 <= row["top1"] <= 1.0 and 0.0 <= row["miou"] <= 1.0
     teachers = list((tmp_path / "cache").glob("demo-*/teacher-*.safetensors"))

@@ -27,7 +27,7 @@ def cluster() -> None:
 
 def stage2_overrides(demo_shards: dict[str, str], teacher: str, run_dir: Path) -> list[str]:
     return [
-        "model=demo_tiny", f"model.weights={teacher}", f'data.train="{demo_shards["pretrain"]}"',
+        "model=demo_tiny", f"model.weights={teacher}", "data=demo", f'data.train="{demo_shards["pretrain"]}"',
         f"train.max_steps={STEPS}", "train.save_every=10", "stage.batch_size=8", "strategy=fsdp",
         f"run_dir={run_dir}", "train.progress=false",
     ]

@@ -18,7 +18,7 @@ from adala.stages.common import all_parameters
 
 def stage2(run_dir: Path, shards: dict[str, str], teacher: str, *extra: str) -> list[str]:
     return ["stage=align_features", override("run_dir", run_dir), override("model.weights", teacher),
-            override("data.train", shards["pretrain"]), "train.log_every=1", "train.progress=false",
+            "data=demo", override("data.train", shards["pretrain"]), "train.log_every=1", "train.progress=false",
             "train.max_steps=3", "train.save_every=3", *extra]
 
 

@@ -3,17 +3,23 @@ fine-tuning split (Stage 3) and a held-out validation split, each from its own s
 from __future__ import annotations
 
 import json
+import logging
+import os
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
 from adala.data.demo_images import NUM_CLASSES, NUM_SEG_CLASSES, render
-from adala.data.tario import encode_png, write_samples
+from adala.data.tario import encode_png, temporary, write_samples
+from adala.engine.rundir import cache_entry_lock
+
+log = logging.getLogger(__name__)
 
 SPLIT_SEEDS = {"pretrain": 0, "finetune": 1, "val": 2}
 PER_SHARD = 1000
 REQUEST = "demo.json"  # what the shards in a directory were written for; written last
+LOCK = ".lock"  # held while the shards are checked or written: a second process waits, then reuses them
 
 
 def _samples(split: str, count: int, size: int) -> Iterator[dict]:
@@ -28,19 +34,25 @@ def ensure_demo_shards(
     directory: Path, counts: dict[str, int], size: int = 32, per_shard: int = PER_SHARD
 ) -> dict[str, str]:
     """Write the splits (shards + ``<split>.manifest.json``) into ``directory`` unless its ``demo.json`` says
-    they are there already; returns each split's shard pattern. An interrupted write is redone next time."""
+    they are there already; returns each split's shard pattern. An interrupted write is redone next time; a
+    process that finds another one writing waits for it and reuses its shards."""
     directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
     record = directory / REQUEST
     wanted = {"counts": counts, "size": size, "per_shard": per_shard, "classes": NUM_CLASSES, "seg_classes": NUM_SEG_CLASSES}
-    if not (record.is_file() and json.loads(record.read_text()).get("request") == wanted):
-        record.unlink(missing_ok=True)
-        shards = {}
-        for split, count in counts.items():
-            manifest = write_samples(_samples(split, count, size), directory, split=split, per_shard=per_shard,
-                                     extra={"format": "demo", "classes": [str(c) for c in range(NUM_CLASSES)]})
-            shards[split] = len(manifest["shards"])
-        record.write_text(json.dumps({"request": wanted, "shards": shards}, indent=2) + "\n")
-    shards = json.loads(record.read_text())["shards"]
+    with cache_entry_lock(directory / LOCK, f"the demo shards in {directory}"):
+        if not (record.is_file() and json.loads(record.read_text()).get("request") == wanted):
+            log.info("writing the demo shards into %s", directory)
+            record.unlink(missing_ok=True)
+            shards = {}
+            for split, count in counts.items():
+                manifest = write_samples(_samples(split, count, size), directory, split=split, per_shard=per_shard,
+                                         extra={"format": "demo", "classes": [str(c) for c in range(NUM_CLASSES)]})
+                shards[split] = len(manifest["shards"])
+            tmp = temporary(record)
+            tmp.write_text(json.dumps({"request": wanted, "shards": shards}, indent=2) + "\n")
+            os.replace(tmp, record)
+        shards = json.loads(record.read_text())["shards"]
     return {split: _pattern(directory, split, count) for split, count in shards.items()}
 
 

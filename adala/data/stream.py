@@ -153,8 +153,10 @@ def _physical_worker() -> int:
 def _read(dataset: IterableDataset, workers: int) -> Iterator[tuple[Batch, Report]]:
     if workers == 0:
         return iter(dataset)
+    # The slots seed their own randomness. A generator of the loader's own keeps it from drawing its workers' seed
+    # from the global torch RNG, which dropout goes on drawing from: else a resume (a new loader) would shift it.
     loader = DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_as_is,
-                        pin_memory=torch.cuda.is_available())
+                        pin_memory=torch.cuda.is_available(), generator=torch.Generator())
     return iter(loader)
 
 

@@ -87,7 +87,7 @@ class CheckpointManager:
             if final.exists():  # an earlier run reached this step and was resumed from before it
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            self._prune()
+            self._prune(step)
         distributed.barrier()
         return final
 
@@ -106,7 +106,10 @@ class CheckpointManager:
             rank_file = path / RANKS_DIR / "rank-0.pt"
         saved = torch.load(rank_file, map_location="cpu", weights_only=False)
         for name, state in self.states.items():
-            state.load_state_dict(saved[name])
+            if name in saved:
+                state.load_state_dict(saved[name])
+            else:  # e.g. evaluation switched on for the continued run
+                log.warning("checkpoint %s holds no %r state; it starts afresh", path, name)
         return int(manifest["step"])
 
     def latest(self) -> Optional[Path]:
@@ -115,9 +118,12 @@ class CheckpointManager:
     def resume_point(self, resume: Optional[str]) -> Optional[Path]:
         return resume_point(self.directory, resume)
 
-    def _prune(self) -> None:
-        complete = [p for p in _step_dirs(self.directory) if read_manifest(p) is not None]
-        for path in complete[: -self.keep_last]:
+    def _prune(self, step: int) -> None:
+        """Keep the last ``keep_last`` complete checkpoints up to ``step``. Any past ``step`` are left from a run
+        this one was resumed from an earlier point of: they would shadow this run for ``resume=auto``, so go."""
+        stale = [p for p in _step_dirs(self.directory) if step_of(p) > step]
+        complete = [p for p in _step_dirs(self.directory) if step_of(p) <= step and read_manifest(p) is not None]
+        for path in stale + complete[: -self.keep_last]:
             shutil.rmtree(path, ignore_errors=True)
 
 

@@ -1,14 +1,15 @@
-"""The one training loop: resume → for each step: train step → log → maybe save.
+"""The one training loop: resume → for each step: train step → periodic work → log → maybe save.
 
 It knows no stage, no strategy and no launcher by name: a stage hands it :class:`StageParts`, a strategy
-places, wraps and steps the models, and every stateful piece goes to one :class:`CheckpointManager`.
+places, wraps and steps the models, the caller adds :class:`Periodic` work (evaluation, exports), and every
+stateful piece goes to one :class:`CheckpointManager`.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, NamedTuple, Optional
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Sequence
 
 import torch
 from torch import nn
@@ -44,14 +45,15 @@ class StageParts:
     ``model`` holds every trained parameter and is checkpointed; its ``forward(batch)`` returns a
     :class:`StepOutput`. ``teacher``, when given, is frozen: the strategy places it beside the model (never in
     the optimizer or a checkpoint) and its output for ``batch["image"]`` reaches the model as
-    ``batch["target"]``. ``param_groups`` maps the placed model to optimizer groups; ``export`` writes the
-    stage's product from the model's full state dict; ``metric`` makes an evaluation metric whose
-    ``update(prediction, batch)`` reads what it needs from the batch.
+    ``batch["target"]``. ``param_groups`` maps the placed model to optimizer groups; ``export(state, path,
+    **metadata)`` writes the stage's product from the model's full state dict, with ``metadata`` (e.g. the step)
+    added to the stage's own; ``metric`` makes an evaluation metric whose ``update(prediction, batch)`` reads
+    what it needs from the batch.
     """
 
     model: nn.Module
     param_groups: Callable[[nn.Module], list[dict[str, Any]]]
-    export: Callable[[dict[str, torch.Tensor], Path], Path]
+    export: Callable[..., Path]
     teacher: Optional[nn.Module] = None
     metric: Optional[Callable[[], Any]] = None
 
@@ -71,6 +73,27 @@ class LoopConfig:
     max_nonfinite_steps: int = 5
     progress: bool = True
     meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Periodic:
+    """Work done every ``every`` steps (and after the last step if ``at_end``), between the optimizer step and
+    that step's checkpoint: evaluation, exports.
+
+    ``run(model, step)`` gets the placed model; it is a collective (every rank calls it at the same step) and
+    returns scalars to log with the step, the same keys on every rank. The RNG states are restored after it, so
+    it leaves training exactly as it was. ``state``, if given, is checkpointed with the run under ``name``.
+    A step that ends in a preemption checkpoint skips its periodic work, to save within the grace time.
+    """
+
+    name: str
+    every: int
+    run: Callable[[nn.Module, int], Mapping[str, float]]
+    at_end: bool = False
+    state: Optional[Stateful] = None
+
+    def due(self, step: int, last_step: int) -> bool:
+        return step % self.every == 0 or (self.at_end and step == last_step)
 
 
 class NonFiniteLossError(UserError):
@@ -94,11 +117,13 @@ def fit(
     strategy: Strategy,
     run_dir: Path,
     resume: Optional[str] = None,
+    periodic: Sequence[Periodic] = (),
 ) -> Trainer:
     """Train ``parts`` on ``stream`` for ``cfg.max_steps`` steps, checkpointing into ``run_dir/checkpoints``.
 
     ``resume``: None/"none" (start fresh), ``"auto"`` (latest complete checkpoint, if any) or a checkpoint
-    directory. A preemption signal saves at the next step boundary and raises :class:`Preempted`.
+    directory. ``periodic``: work between steps (see :class:`Periodic`). A preemption signal saves at the next
+    step boundary and raises :class:`Preempted`.
     """
     model, optimizer = strategy.prepare(
         parts.model, parts.param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm
@@ -111,6 +136,7 @@ def fit(
     states: dict[str, Stateful] = {"schedule": schedule, "train": state, "rng": RNGState()}
     if hasattr(stream, "state_dict"):
         states["data"] = stream  # type: ignore[assignment]
+    states.update({work.name: work.state for work in periodic if work.state is not None})
     checkpoints = CheckpointManager(
         run_dir / "checkpoints", strategy=strategy, model=model, optimizer=optimizer, states=states, meta=cfg.meta,
         keep_last=cfg.keep_last,
@@ -131,7 +157,7 @@ def fit(
             batch = strategy.to_device(next(batches))
             if "activations (estimate)" not in strategy.memory.parts:
                 strategy.memory.count_activations(strategy.unwrap(model), batch, strategy.compute_dtype)
-                log.info("rank %d %s", strategy.rank, strategy.memory.describe())
+                log.info("%s", strategy.memory.describe())
             with strategy.autocast():
                 if teacher is not None:
                     with torch.no_grad():
@@ -158,9 +184,12 @@ def fit(
                 schedule.step()
                 state.step += 1
                 state.images += batch["image"].shape[0] * strategy.world_size
-                write = state.step % cfg.log_every == 0 or state.step == cfg.max_steps
+                due = [] if preempt else [work for work in periodic if work.due(state.step, cfg.max_steps)]
+                with logger.paused():
+                    periodic_scalars = _run_periodic(due, model, state.step)
+                write = state.step % cfg.log_every == 0 or state.step == cfg.max_steps or bool(due)
                 scalars = _scalars(loss, out.scalars, lrs, grad_norm, stream, state) if write else {}
-                logger.step(state.step, state.images, scalars, write=write)
+                logger.step(state.step, state.images, {**scalars, **periodic_scalars}, write=write)
                 if state.step % cfg.save_every == 0 or state.step == cfg.max_steps:
                     checkpoints.save(state.step)
                     if preempt:
@@ -172,6 +201,22 @@ def fit(
         preemption.uninstall()
         logger.close()
     return Trainer(model=model, state=state)
+
+
+def _run_periodic(due: Sequence[Periodic], model: nn.Module, step: int) -> dict[str, float]:
+    """Run the due work; the RNG states (dropout, augmentation, data-loader seeds) are put back afterwards."""
+    if not due:
+        return {}
+    rng = RNGState()
+    saved = rng.state_dict()
+    scalars: dict[str, float] = {}
+    try:
+        for work in due:
+            scalars.update(work.run(model, step))
+    finally:
+        rng.load_state_dict(saved)
+        model.train()
+    return scalars
 
 
 def _agree(loss: torch.Tensor, preempt_requested: bool) -> tuple[float, bool, bool]:

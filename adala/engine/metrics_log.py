@@ -1,15 +1,19 @@
 """Where a run's numbers go: a progress bar, TensorBoard scalars and ``log.jsonl`` (one line per logged step)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
-from typing import Mapping
+from typing import Iterator, Mapping
 
 from tqdm import tqdm
 
 
 class MetricLogger:
+    """Logs on the main rank (``enabled``); ``progress``: draw a progress bar (decided by the caller, see
+    :func:`adala.logs.show_progress`)."""
+
     def __init__(
         self, run_dir: Path, *, total_steps: int, start: tuple[int, int], enabled: bool, progress: bool
     ) -> None:
@@ -27,6 +31,17 @@ class MetricLogger:
         if progress:
             self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, leave=False)
         self._last = (time.perf_counter(), start_images)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Time spent inside (evaluation, exports) does not count against the training throughput."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.enabled:
+                last_time, last_images = self._last
+                self._last = (last_time + time.perf_counter() - started, last_images)
 
     def step(self, step: int, images: int, scalars: Mapping[str, float], *, write: bool) -> None:
         """Called after every step; ``write`` says whether this one goes to TensorBoard and the log file."""

@@ -1,7 +1,7 @@
 """Measure a linearized (or any) checkpoint: ``python -m adala.eval.bench EXPORT [options]``.
 
-EXPORT is a file ``python -m adala`` wrote (``runs/<run>/export/model.safetensors``): its metadata name the model
-and its attention; other weight files need ``--model``. Prints parameters, FLOPs per image, peak memory at batch 1
+EXPORT is a file ``python -m adala`` wrote (``runs/<run>/export/model.safetensors``): its metadata describe the
+model (any timm ViT it was trained from) and its attention; other weight files need ``--model``. Prints parameters, FLOPs per image, peak memory at batch 1
 and throughput (with achieved TFLOP/s and MFU) at the given batch sizes, or at 1 and the best size found by
 doubling. Definitions: :mod:`adala.eval.efficiency`. On CUDA linear attention takes the Triton fast path unless
 ``ADALA_LINEAR_ATTENTION=reference`` is set.
@@ -18,7 +18,7 @@ import torch
 
 from adala.errors import UserError
 from adala.eval.efficiency import count_flops, describe, device_name, measure, parse_dtype
-from adala.models import attention_config, build_vfm, check_img_size, get_vfm, read_export_metadata
+from adala.models import attention_config, build_vfm, check_img_size, get_vfm, model_spec, read_export_metadata
 
 PROG = "python -m adala.eval.bench"
 
@@ -26,7 +26,7 @@ PROG = "python -m adala.eval.bench"
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("export", type=Path, help="an adala export (.safetensors) or a weight file with --model")
-    parser.add_argument("--model", help="registry model name; default: the export's metadata")
+    parser.add_argument("--model", help="a model entry (conf/model/NAME.yaml); default: the export's metadata")
     parser.add_argument("--img-size", type=int, help="resolution; default: the export's training resolution")
     parser.add_argument("--batch", type=int, nargs="+", help="batch sizes to time; default: search for the best")
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
@@ -49,12 +49,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     name = args.model or meta.get("model")
     if name is None:
         raise UserError(f"{args.export} has no adala metadata naming its model; pass --model NAME")
-    spec = get_vfm(name)
-    img_size = args.img_size or meta.get("img_size") or spec.img_size
+    spec = model_spec(meta["model_spec"]) if "model_spec" in meta and not args.model else get_vfm(name)
+    img_size = args.img_size or meta.get("img_size") or spec.native_img_size
     check_img_size(spec, img_size)
     attention = meta.get("attention")
-    flops = count_flops(lambda: build_vfm(name, img_size=img_size, attention=attention), img_size)
-    model = build_vfm(name, img_size=img_size, weights=args.export)
+    flops = count_flops(lambda: build_vfm(spec, img_size=img_size, attention=attention), img_size)
+    model = build_vfm(spec, img_size=img_size, weights=args.export)
     result = measure(model, img_size=img_size, dtype=args.dtype, device=device, flops=flops, compile=args.compile,
                      batches=args.batch, max_batch=args.max_batch, peak_tflops=args.peak_tflops)
     return {"export": str(args.export), "model": name, "attention": attention_config(model),

@@ -1,5 +1,6 @@
-"""Launching the method on clusters: the job graph of one model's pipeline, SLURM and Ray helpers.
-
-``launchers/submit.py`` (submitit), ``launchers/ray_sweep.py`` (Ray Train) and ``slurm/stage*.sh`` (sbatch) are the
-entry points; this package holds what they share. Submitit and Ray are imported where they are used.
+"""Launching the method on clusters: the job graph of one model's pipeline, SLURM and Ray helpers, and the two
+launcher commands, ``adala-submit`` (:mod:`adala.launch.submit`, submitit) and ``adala-ray-sweep``
+(:mod:`adala.launch.ray_sweep`, Ray Train); a checkout also runs them as ``launchers/*.py``. The sbatch scripts
+(``slurm/stage*.sh``, or ``adala slurm-script``) run :mod:`adala.launch.slurm_job`. Submitit and Ray are imported
+where they are used.
 """

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
-from adala.launch.pipeline import STEPS, Job
+from adala.launch.pipeline import Job
 
 METRIC_OF_STAGE = {"finetune_cls": "top1", "finetune_seg": "miou"}
 METRIC_TITLES = {"top1": "top-1", "miou": "mIoU"}
@@ -56,7 +56,7 @@ def collect(jobs: Sequence[Job], statuses: Mapping[str, str]) -> list[ModelResul
     for job in jobs:
         result = results.setdefault(job.model, ModelResult(job.model, statuses.get(job.model, "not run")))
         result.losses[job.step] = final_loss(job.run_dir)
-        if job.step not in STEPS:  # a Stage-3 task (the demo's teacher is evaluated too, but is no result)
+        if job.task is not None:  # a Stage-3 task (the demo's teacher is evaluated too, but is no result)
             result.metrics[job.step] = task_metric(job)
     return list(results.values())
 

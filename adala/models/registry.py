@@ -1,125 +1,146 @@
-"""The vision foundation models adala knows: timm id, Stage-2 loss weight α, normalisation and patch size."""
+"""The vision foundation models adala knows: the YAML entries of ``conf/model/``, resolved against timm.
+
+A model is configuration. Each entry names a timm VisionTransformer (``timm_id``, ``timm_kwargs``) and its paper
+settings (Stage-2 loss weight α, Stage-2 epochs); the fields it leaves null (patch size, native resolution,
+normalisation) come from timm, read off the model built on the meta device (no weights, no memory).
+:func:`model_spec` is the one place an entry, a composed ``cfg.model`` or any object with the same fields becomes
+the :class:`VFMSpec` the code builds from; :func:`get_vfm` reads an entry by name for library use.
+"""
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import functools
+import json
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Mapping
 
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+import timm
+import torch
+import yaml
+from timm.layers import Attention
+from timm.models.vision_transformer import VisionTransformer
 
+from adala.config import ModelConfig
 from adala.errors import UserError
+from adala.paths import config_dir
 
-HALF = (0.5, 0.5, 0.5)
+TIMM_EXAMPLES = "vit_base_patch16_224.mae, deit_base_patch16_224, vit_large_patch14_dinov2.lvd142m"
 
 
 @dataclass(frozen=True)
 class VFMSpec:
+    """A model entry with every field resolved: what :func:`adala.models.build_vfm` builds."""
+
     name: str
     timm_id: str
+    description: str
     alpha: float  # weight of the Stage-2 feature-alignment MSE (paper Table 5)
-    align_features_epochs: int  # paper's Stage-2 epochs on ImageNet-22K
+    align_features_epochs: float  # paper's Stage-2 epochs on ImageNet-22K
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     patch_size: int
-    img_size: int  # native resolution of the pretrained weights
-    description: str
-    timm_kwargs: dict[str, Any] = field(default_factory=dict)
+    native_img_size: int  # resolution of the pretrained weights
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments
 
 
-def _dinov2(size: str, registers: bool) -> VFMSpec:
-    width = {"s": "small", "b": "base", "l": "large"}[size]
-    reg = "_reg4" if registers else ""
-    return VFMSpec(
-        name=f"dinov2{reg}_{size}",
-        timm_id=f"vit_{width}_patch14{reg}_dinov2.lvd142m",
-        alpha=5.0,
-        align_features_epochs=30,
-        mean=IMAGENET_DEFAULT_MEAN,
-        std=IMAGENET_DEFAULT_STD,
-        patch_size=14,
-        img_size=518,
-        description=f"DINOv2 ViT-{size.upper()}/14{' with 4 registers' if registers else ''}",
-    )
-
-
-_SPECS = [
-    *(_dinov2(size, reg) for reg in (False, True) for size in ("s", "b", "l")),
-    VFMSpec(
-        name="clip_l",
-        timm_id="vit_large_patch14_clip_224.openai",
-        alpha=4000.0,
-        align_features_epochs=15,
-        mean=OPENAI_CLIP_MEAN,
-        std=OPENAI_CLIP_STD,
-        patch_size=14,
-        img_size=224,
-        description="OpenAI CLIP ViT-L/14 image tower",
-    ),
-    VFMSpec(
-        name="siglip_l",
-        timm_id="vit_large_patch16_siglip_256.webli",
-        alpha=1.0,
-        align_features_epochs=10,
-        mean=HALF,
-        std=HALF,
-        patch_size=16,
-        img_size=256,
-        description="SigLIP ViT-L/16 image tower",
-    ),
-    VFMSpec(
-        name="vit_l_in1k",
-        timm_id="vit_large_patch16_224.augreg_in21k_ft_in1k",
-        alpha=1.0,
-        align_features_epochs=20,
-        mean=HALF,
-        std=HALF,
-        patch_size=16,
-        img_size=224,
-        description="supervised ViT-L/16, ImageNet-21K pretrained, ImageNet-1K fine-tuned",
-    ),
-    VFMSpec(
-        name="demo_tiny",
-        timm_id="vit_tiny_patch16_224",
-        alpha=1.0,
-        align_features_epochs=1,
-        mean=HALF,
-        std=HALF,
-        patch_size=4,
-        img_size=32,
-        description="tiny ViT for the built-in demo (64 wide, 4 blocks, 4 heads, 4×4 patches)",
-        timm_kwargs=dict(patch_size=4, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0),
-    ),
-    VFMSpec(
-        name="demo_small",
-        timm_id="vit_tiny_patch16_224",
-        alpha=1.0,
-        align_features_epochs=1,
-        mean=HALF,
-        std=HALF,
-        patch_size=4,
-        img_size=32,
-        description="a second small demo ViT, for sweeps over several models (96 wide, 3 blocks, 6 heads, 4×4 patches)",
-        timm_kwargs=dict(patch_size=4, embed_dim=96, depth=3, num_heads=6, mlp_ratio=2.0),
-    ),
-]
-
-VFMS: dict[str, VFMSpec] = {spec.name: spec for spec in _SPECS}
+def model_dir() -> Path:
+    return config_dir() / "model"
 
 
 def list_vfms() -> list[str]:
-    return list(VFMS)
+    """The names of the model entries (``conf/model/*.yaml``)."""
+    return sorted(path.stem for path in model_dir().glob("*.yaml"))
 
 
 def get_vfm(name: str) -> VFMSpec:
+    """The spec of entry ``name`` (``conf/model/<name>.yaml``)."""
+    path = model_dir() / f"{name}.yaml"
+    if not path.is_file():
+        raise UserError(f"unknown model {name!r}; choose one of: {', '.join(list_vfms())}")
+    return model_spec(_model_config(yaml.safe_load(path.read_text()) or {}, source=str(path)))
+
+
+def model_spec(config: Any) -> VFMSpec:
+    """The spec of a model entry: a ``ModelConfig`` (a composed ``cfg.model``, with the user's overrides), any
+    object with its fields, or a mapping of them (missing ones take ``ModelConfig``'s defaults). Fields left None
+    are read from timm."""
+    if isinstance(config, Mapping):
+        config = _model_config(config, source="a model entry")
+    if not config.timm_id:
+        raise UserError(f"model {config.name}: model.timm_id is not set; name a timm VisionTransformer, "
+                        f"e.g. model=timm model.timm_id=vit_base_patch16_224.mae")
+    timm_kwargs = dict(config.timm_kwargs or {})
+    from_timm = _timm_facts(config.timm_id, json.dumps(timm_kwargs, sort_keys=True))
+    resolved = {key: from_timm[key] if getattr(config, key) is None else getattr(config, key) for key in from_timm}
+    for key in ("mean", "std"):
+        if len(resolved[key]) != 3:
+            raise UserError(f"model.{key} must be 3 numbers (one per RGB channel), got {list(resolved[key])}")
+    return VFMSpec(
+        name=config.name,
+        timm_id=config.timm_id,
+        description=config.description or "",
+        alpha=float(config.alpha),
+        align_features_epochs=float(config.align_features_epochs),
+        mean=tuple(float(x) for x in resolved["mean"]),
+        std=tuple(float(x) for x in resolved["std"]),
+        patch_size=int(resolved["patch_size"]),
+        native_img_size=int(resolved["native_img_size"]),
+        timm_kwargs=timm_kwargs,
+    )
+
+
+def _model_config(entry: Mapping[str, Any], *, source: str) -> ModelConfig:
     try:
-        return VFMS[name]
-    except KeyError:
-        raise UserError(f"unknown model {name!r}; choose one of: {', '.join(VFMS)}") from None
+        return ModelConfig(**entry)
+    except TypeError as err:
+        raise UserError(f"{source}: {err}; the keys of a model entry are those of conf/model/timm.yaml") from None
+
+
+def spec_dict(spec: VFMSpec) -> dict[str, Any]:
+    """``spec`` as plain JSON-able values (exports record it; :func:`model_spec` reads it back)."""
+    return {**dataclasses.asdict(spec), "mean": list(spec.mean), "std": list(spec.std)}
 
 
 def check_img_size(spec: VFMSpec, img_size: int) -> None:
-    if img_size <= 0 or img_size % spec.patch_size:
-        lower = max(spec.patch_size, img_size - img_size % spec.patch_size)
-        raise UserError(
-            f"resolution {img_size} is not a multiple of {spec.name}'s patch size {spec.patch_size}; "
-            f"use e.g. {lower} or {lower + spec.patch_size}"
-        )
+    """Any positive resolution works: one that is not a multiple of the patch size is padded to whole patches
+    (see :func:`adala.models.build.create_kwargs`)."""
+    if img_size <= 0:
+        raise UserError(f"resolution {img_size} is not a positive number of pixels; use e.g. {spec.native_img_size}")
+
+
+@functools.lru_cache(maxsize=None)
+def _timm_facts(timm_id: str, timm_kwargs_json: str) -> dict[str, Any]:
+    """Patch size, native resolution and normalisation of a timm VisionTransformer, built on the meta device."""
+    arch = timm_id.split(".", 1)[0]
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=3, cutoff=0.7)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise UserError(f"unknown timm model {timm_id!r} (model.timm_id); {hint}"
+                        f"timm.list_models('*vit*') lists the names, e.g. {TIMM_EXAMPLES}")
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(timm_id, pretrained=False, **json.loads(timm_kwargs_json))
+    except (RuntimeError, TypeError, ValueError, AssertionError) as err:  # a bad tag or keyword argument
+        reason = (str(err).strip() or type(err).__name__).splitlines()[0]
+        raise UserError(f"timm cannot build {timm_id} with model.timm_kwargs={json.loads(timm_kwargs_json)}: "
+                        f"{reason}") from None
+    if not isinstance(model, VisionTransformer):
+        raise UserError(f"{timm_id} is a timm {type(model).__name__}, not a VisionTransformer; adala linearizes "
+                        f"timm VisionTransformer models, e.g. {TIMM_EXAMPLES}")
+    other = {type(block.attn).__name__ for block in model.blocks if not _plain_attention(block.attn)}
+    if other:
+        raise UserError(f"{timm_id}'s blocks use {', '.join(sorted(other))}, not timm's Attention, which adala "
+                        f"linearizes; choose a VisionTransformer with standard attention, e.g. {TIMM_EXAMPLES}")
+    cfg = model.pretrained_cfg
+    return {
+        "mean": cfg["mean"],
+        "std": cfg["std"],
+        "patch_size": model.patch_embed.patch_size[0],
+        "native_img_size": model.patch_embed.img_size[0],
+    }
+
+
+def _plain_attention(attn: Any) -> bool:
+    return isinstance(attn, Attention) and getattr(attn, "gate", None) is None

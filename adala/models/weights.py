@@ -4,6 +4,11 @@ Accepted files: timm checkpoints (``.pth``/``.pt``/``.bin``, optionally under ``
 ``.safetensors`` (timm keys, or adala exports with their metadata), the original DINOv2 and OpenAI-CLIP layouts
 (converted by timm's ``checkpoint_filter_fn``) and big_vision ``.npz`` files (SigLIP, AugReg; timm's loader).
 Position and patch embeddings are resampled when the file was trained at another resolution.
+
+A file whose blocks carry linear-attention entries (``attn.linear_config``, written by
+:class:`~adala.attention.LinearAttention`) linearizes the model's softmax blocks before it loads; a linear model
+takes files without them too (softmax weights, or exports written before the entry existed, whose metadata name
+the attention).
 """
 from __future__ import annotations
 
@@ -18,6 +23,8 @@ from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import nn
 
+from adala.attention import LinearAttention
+from adala.attention.module import CONFIG_BUFFER, decode_config
 from adala.errors import UserError
 
 METADATA_KEY = "adala"
@@ -71,13 +78,15 @@ def load_weights(model: nn.Module, path: str | os.PathLike, *, model_name: str =
             raise UserError(f"weights {path} do not fit {model_name}: {err}") from None
         return
     state = checkpoint_filter_fn(read_state_dict(path), model)
+    _linearize_as_stored(model, state, path)
     own = model.state_dict()
     state = {
         k: v for k, v in state.items()
         if not (k.startswith(TASK_HEAD_PREFIXES) and (k not in own or own[k].shape != v.shape))
     }
     wrong_shape = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-    missing = [k for k in own if k not in state and not k.startswith(TASK_HEAD_PREFIXES)]
+    missing = [k for k in own if k not in state and not k.startswith(TASK_HEAD_PREFIXES)
+               and not k.endswith(f".attn.{CONFIG_BUFFER}")]  # kept as built: see the module docstring
     unexpected = [k for k in state if k not in own]
     if wrong_shape or missing or unexpected:
         raise UserError(
@@ -90,6 +99,19 @@ def load_weights(model: nn.Module, path: str | os.PathLike, *, model_name: str =
             + " — check that model= names the architecture these weights belong to"
         )
     model.load_state_dict(state, strict=False)
+
+
+def _linearize_as_stored(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Turn the softmax blocks whose attention ``state`` stores as linear into LinearAttention of its kernel."""
+    for index, block in enumerate(getattr(model, "blocks", ())):
+        stored = state.get(f"blocks.{index}.attn.{CONFIG_BUFFER}")
+        if stored is None or isinstance(block.attn, LinearAttention):
+            continue
+        try:
+            config = decode_config(stored)
+        except ValueError as err:
+            raise UserError(f"weights {path}: blocks.{index}.attn.{CONFIG_BUFFER}: {err}") from None
+        block.attn = LinearAttention.from_softmax(block.attn, kernel=config["kernel"], eps=config["eps"])
 
 
 def save_export(

@@ -1,4 +1,6 @@
-"""The training stages. Each module has ``FIELDS`` (what it reads from the data) and ``build(cfg) -> StageParts``."""
+"""The training stages. Each module has ``FIELDS`` (what it reads from the data), ``STREAM`` (how it reads it) and
+``build(cfg, attention) -> StageParts``, where ``attention`` is the trained model's attention as validation
+normalised it (``adala.run.validate_run``)."""
 from __future__ import annotations
 
 from types import ModuleType

@@ -58,16 +58,18 @@ class AttentionBranches(nn.Module):
         return StepOutput(loss=torch.stack(losses).sum(), scalars={f"block{i:02d}": l.detach() for i, l in enumerate(losses)})
 
 
-def build(cfg: Any) -> StageParts:
+def build(cfg: Any, attention: dict[str, Any]) -> StageParts:
+    """``attention``: the branches' linear attention (kind, kernel, eps), normalised by validation."""
+    kernel, eps = attention["kernel"], attention["eps"]
     teacher = frozen_teacher(cfg.model)
-    branches = AttentionBranches(teacher, kernel=cfg.attention.kernel, eps=cfg.attention.eps)
+    branches = AttentionBranches(teacher, kernel=kernel, eps=eps)
 
-    def export(state: dict[str, torch.Tensor], path: Path) -> Path:
+    def export(state: dict[str, torch.Tensor], path: Path, **metadata: Any) -> Path:
         """The linearized ViT: the teacher's weights with each block's attention replaced by its branch."""
-        student = linearize(frozen_teacher(cfg.model), kernel=cfg.attention.kernel, eps=cfg.attention.eps)
+        student = linearize(frozen_teacher(cfg.model), kernel=kernel, eps=eps)
         for index, block in enumerate(student.blocks):
             block.attn.load_state_dict(strip_prefix(state, f"blocks.{index}."))
-        return save_export(student.state_dict(), path, export_metadata(cfg, student))
+        return save_export(student.state_dict(), path, export_metadata(cfg, student, **metadata))
 
     return StageParts(
         model=branches,

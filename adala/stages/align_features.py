@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from adala.engine.loop import Batch, StageParts, StepOutput
-from adala.models import build_vfm, get_vfm, save_export
+from adala.models import build_vfm, model_spec, save_export
 from adala.stages.common import (
-    FrozenModule, all_parameters, export_metadata, frozen_teacher, requested_attention, start_weights, strip_prefix,
+    FrozenModule, all_parameters, export_metadata, frozen_teacher, start_weights, strip_prefix,
 )
 
 FIELDS = ("image",)
@@ -41,14 +41,13 @@ class FeatureAlignment(nn.Module):
         return StepOutput(loss=self.alpha * mse, scalars={"mse": mse.detach()})
 
 
-def build(cfg: Any) -> StageParts:
-    student = build_vfm(
-        cfg.model.name, img_size=cfg.model.img_size, weights=start_weights(cfg), attention=requested_attention(cfg)
-    )
-    alpha = cfg.stage.alpha if cfg.stage.alpha is not None else get_vfm(cfg.model.name).alpha
+def build(cfg: Any, attention: dict[str, Any]) -> StageParts:
+    student = build_vfm(model_spec(cfg.model), img_size=cfg.model.img_size, weights=start_weights(cfg),
+                        attention=attention)
+    alpha = cfg.stage.alpha if cfg.stage.alpha is not None else cfg.model.alpha
 
-    def export(state: dict[str, torch.Tensor], path: Path) -> Path:
-        return save_export(strip_prefix(state, "student."), path, export_metadata(cfg, student))
+    def export(state: dict[str, torch.Tensor], path: Path, **metadata: Any) -> Path:
+        return save_export(strip_prefix(state, "student."), path, export_metadata(cfg, student, **metadata))
 
     return StageParts(
         model=FeatureAlignment(student, alpha),

@@ -6,12 +6,13 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from adala.models import attention_config, build_vfm
+from adala.models import attention_config, build_vfm, model_spec, spec_dict, token_layout
 
 
 def frozen_teacher(model_cfg: Any) -> nn.Module:
     """The original softmax VFM from ``model.weights``: eval mode, no gradients."""
-    teacher = build_vfm(model_cfg.name, img_size=model_cfg.img_size, weights=model_cfg.weights, attention={"kind": "softmax"})
+    teacher = build_vfm(model_spec(model_cfg), img_size=model_cfg.img_size, weights=model_cfg.weights,
+                        attention={"kind": "softmax"})
     return teacher.eval().requires_grad_(False)
 
 
@@ -34,16 +35,12 @@ def start_weights(cfg: Any) -> Optional[str]:
 def export_metadata(cfg: Any, backbone: nn.Module, **extra: Any) -> dict[str, Any]:
     return {
         "model": cfg.model.name,
-        "img_size": cfg.model.img_size,
+        "model_spec": spec_dict(model_spec(cfg.model)),  # rebuilds the model anywhere, e.g. one of model=timm
+        **token_layout(backbone, cfg.model.img_size),  # img_size, grid and tokens
         "attention": attention_config(backbone),
         "stage": cfg.stage.name,
         **extra,
     }
-
-
-def requested_attention(cfg: Any) -> dict[str, Any]:
-    """The attention the trained model should use, from the ``attention`` config group."""
-    return dict(vars(cfg.attention))
 
 
 def strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

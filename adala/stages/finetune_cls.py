@@ -10,8 +10,8 @@ from torch import nn
 
 from adala.engine.loop import Batch, StageParts, StepOutput
 from adala.eval import Top1
-from adala.models import build_vfm, save_export
-from adala.stages.common import backbone_and_head_groups, export_metadata, requested_attention, start_weights, strip_prefix
+from adala.models import build_vfm, model_spec, save_export
+from adala.stages.common import backbone_and_head_groups, export_metadata, start_weights, strip_prefix
 
 FIELDS = ("image", "label")
 STREAM = "epoch"  # how it reads its training data: see adala.data.pipeline
@@ -27,17 +27,17 @@ class Classifier(nn.Module):
         return StepOutput(loss=F.cross_entropy(logits.float(), batch["label"]), prediction=logits)
 
 
-def build(cfg: Any) -> StageParts:
+def build(cfg: Any, attention: dict[str, Any]) -> StageParts:
     vit = build_vfm(
-        cfg.model.name,
+        model_spec(cfg.model),
         img_size=cfg.model.img_size,
         weights=start_weights(cfg),
         num_classes=cfg.data.num_classes,
-        attention=requested_attention(cfg),
+        attention=attention,
     )
 
-    def export(state: dict[str, torch.Tensor], path: Path) -> Path:
-        metadata = export_metadata(cfg, vit, num_classes=cfg.data.num_classes)
+    def export(state: dict[str, torch.Tensor], path: Path, **metadata: Any) -> Path:
+        metadata = export_metadata(cfg, vit, num_classes=cfg.data.num_classes, **metadata)
         return save_export(strip_prefix(state, "vit."), path, metadata)
 
     return StageParts(

@@ -12,8 +12,8 @@ from torch import nn
 
 from adala.engine.loop import Batch, StageParts, StepOutput
 from adala.eval import MeanIoU
-from adala.models import build_vfm, save_export
-from adala.stages.common import backbone_and_head_groups, export_metadata, requested_attention, start_weights
+from adala.models import build_vfm, model_spec, save_export
+from adala.stages.common import backbone_and_head_groups, export_metadata, start_weights
 
 FIELDS = ("image", "mask")
 STREAM = "epoch"  # how it reads its training data: see adala.data.pipeline
@@ -34,7 +34,10 @@ class Segmenter(nn.Module):
         tokens = self.backbone.forward_features(images)[:, self.backbone.num_prefix_tokens:]
         height, width = self.backbone.patch_embed.dynamic_feat_size(images.shape[-2:])
         grid = tokens.transpose(1, 2).reshape(tokens.shape[0], -1, height, width)
-        logits = F.interpolate(self.seg_head(grid), size=images.shape[-2:], mode="bilinear", align_corners=False)
+        # The grid covers the image padded to whole patches: upsample to that size, then drop the padding.
+        patch_h, patch_w = self.backbone.patch_embed.patch_size
+        logits = F.interpolate(self.seg_head(grid), size=(height * patch_h, width * patch_w), mode="bilinear",
+                               align_corners=False)[..., :images.shape[-2], :images.shape[-1]]
         return StepOutput(loss=F.cross_entropy(logits.float(), batch["mask"], ignore_index=IGNORE_INDEX), prediction=logits)
 
 
@@ -43,13 +46,12 @@ def export_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {key.removeprefix("backbone."): value for key, value in state.items()}
 
 
-def build(cfg: Any) -> StageParts:
-    backbone = build_vfm(
-        cfg.model.name, img_size=cfg.model.img_size, weights=start_weights(cfg), attention=requested_attention(cfg)
-    )
+def build(cfg: Any, attention: dict[str, Any]) -> StageParts:
+    backbone = build_vfm(model_spec(cfg.model), img_size=cfg.model.img_size, weights=start_weights(cfg),
+                         attention=attention)
 
-    def export(state: dict[str, torch.Tensor], path: Path) -> Path:
-        metadata = export_metadata(cfg, backbone, num_seg_classes=cfg.data.num_seg_classes)
+    def export(state: dict[str, torch.Tensor], path: Path, **metadata: Any) -> Path:
+        metadata = export_metadata(cfg, backbone, num_seg_classes=cfg.data.num_seg_classes, **metadata)
         return save_export(export_state(state), path, metadata)
 
     return StageParts(

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from adala.engine.strategies.base import Strategy
-from adala.errors import UserError
+from adala.errors import UserError, require_extra
 
 
 def _ddp() -> type[Strategy]:
@@ -48,12 +48,9 @@ def check_strategy(cfg: Any, *, precision: str, device: str) -> None:
         raise UserError("strategy.cpu_offload moves GPU state into host memory and needs CUDA; on the CPU "
                         "everything is in host memory already: drop strategy.cpu_offload")
     if cfg.name == "deepspeed":
-        import importlib.util
-
         from adala.engine.strategies.deepspeed import read_user_config
 
-        if importlib.util.find_spec("deepspeed") is None:
-            raise UserError("strategy=deepspeed needs DeepSpeed; pip install deepspeed (or pick strategy=fsdp)")
+        require_extra("deepspeed", "strategy=deepspeed")
         if cfg.zero_stage not in (2, 3):
             raise UserError(f"strategy.zero_stage={cfg.zero_stage}: use 2 or 3")
         read_user_config(cfg.deepspeed_config)

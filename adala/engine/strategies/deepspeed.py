@@ -19,7 +19,7 @@ from torch import nn
 
 from adala.engine.optim import build_optimizer
 from adala.engine.strategies.base import ParamGroups, Strategy, vits
-from adala.errors import UserError
+from adala.errors import UserError, require_extra
 
 TAG = "zero"
 
@@ -55,6 +55,7 @@ class DeepSpeedStrategy(Strategy):
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         self.user_config = read_user_config(cfg.deepspeed_config)
         super().__init__(cfg, device=device, precision=precision, batch_size=batch_size)
+        require_extra("deepspeed", "strategy=deepspeed")
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")

@@ -1,0 +1,130 @@
+"""``adala-ray-sweep`` (from a checkout: ``python launchers/ray_sweep.py``): run the whole pipeline
+(Stage 1 → 2 → 3) for several VFMs with Ray Train, then print one results table.
+
+    adala-ray-sweep --demo                         # the two demo models, on a local Ray cluster
+    adala-ray-sweep --models dinov2_l clip_l --address auto \\
+        dinov2_l:model.weights=/weights/dinov2_vitl14.pth clip_l:model.weights=/weights/clip_vitl14.bin
+
+Every stage job is a Ray Train ``TorchTrainer`` run with ``--workers`` workers; models run side by side where the
+cluster has room. Overrides (``key=value``, ``SCOPE:key=value``, ``MODEL:STEP:key=value``) may appear anywhere on the
+line. Everything is
+validated before a cluster is started; bad input stops with one line and exit code 2. Exit code 1: a model failed.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional, Sequence
+
+from adala.errors import UserError, require_extra
+
+if TYPE_CHECKING:
+    from adala.launch.pipeline import Job
+
+PROG = "ray_sweep"  # the prefix of its messages
+COMMAND = "adala-ray-sweep"  # the console entry point; a checkout runs python launchers/ray_sweep.py
+HINT = """{prog}: nothing to run; try the built-in demo, or name models with their pretrained weights:
+  {command} --demo
+  {command} --models dinov2_l clip_l dinov2_l:model.weights=PATH clip_l:model.weights=PATH
+(--help lists the options)
+"""
+
+
+def parser(command: str = COMMAND) -> argparse.ArgumentParser:
+    from adala.launch.pipeline import DEFAULT_MODELS, DEMO_MODELS
+
+    p = argparse.ArgumentParser(
+        prog=command, description="Ray Train runs of the whole pipeline for several VFMs, and one results table.",
+        epilog="overrides: key=value for every job, or SCOPE:key=value for one model (dinov2_l:), one step "
+               "(s1: s2: s3: teacher:) or one Stage-3 task (in1k: ade20k: ...), or MODEL:STEP:key=value for one "
+               "step of one model (dinov2_l:s2:); more scopes win; anywhere on the line. Stage 1 reads COCO and "
+               "Stage 2 ImageNet-22K unless told otherwise (s1:data.train=... s2:data.train=...)")
+    p.add_argument("--models", nargs="+", metavar="M", help=f"VFMs (default: {' '.join(DEFAULT_MODELS)}; "
+                                                           f"with --demo: {' '.join(DEMO_MODELS)})")
+    p.add_argument("--tasks", nargs="+", metavar="T", help="Stage-3 tasks (default: in1k ade20k cityscapes; "
+                                                          "with --demo: cls seg)")
+    p.add_argument("--root", default="runs/sweep", help="run directories, Ray's storage and the results (%(default)s)")
+    p.add_argument("--workers", type=int, default=2, help="Ray Train workers per stage run (%(default)s)")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs each worker reserves (%(default)s)")
+    p.add_argument("--strategy", choices=("fsdp", "deepspeed"), default="fsdp", help="(%(default)s)")
+    p.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None,
+                   help="one GPU per worker (default: when the cluster has GPUs)")
+    p.add_argument("--address", help="join the Ray cluster at HOST:PORT (auto: the one on this machine); "
+                                     "default: start a local one")
+    p.add_argument("--max-failures", type=int, default=2, help="worker-group restarts per stage run (%(default)s)")
+    p.add_argument("--parallel", type=int, help="models at a time (default: as many as the cluster holds)")
+    p.add_argument("--demo", action="store_true", help="the built-in demo's data, teacher and recipe")
+    return p
+
+
+def parse(argv: Sequence[str], command: str = COMMAND) -> tuple[argparse.Namespace, list[str]]:
+    """Options and overrides; an override is any argument that is not an option and holds ``=``."""
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+    args = parser(command).parse_args([a for a in argv if a not in overrides])
+    if args.workers < 1 or args.max_failures < 0 or (args.parallel is not None and args.parallel < 1):
+        raise UserError("--workers and --parallel must be at least 1, --max-failures at least 0")
+    return args, overrides
+
+
+def plan_sweep(args: argparse.Namespace, overrides: list[str]) -> list[Job]:
+    """Every job of every model's pipeline, composed and validated; nothing has started yet."""
+    from adala.launch.pipeline import DEFAULT_MODELS, DEMO_MODELS, plan, validate_jobs
+
+    models = args.models or (DEMO_MODELS if args.demo else DEFAULT_MODELS)
+    jobs = plan(models, Path(args.root).resolve(), tasks=args.tasks,
+                overrides=[f"strategy={args.strategy}", *overrides], demo=args.demo)
+    validate_jobs(jobs, world_size=args.workers)
+    return jobs
+
+
+def sweep(args: argparse.Namespace, jobs: list[Job]) -> bool:
+    """Run every model's pipeline on the cluster, write and print the results; True when all completed."""
+    from adala.launch.ray_train import Workers, check_capacity, cluster_has_gpus, connect, run_job, run_models
+    from adala.launch.results import collect, markdown_table, write_results
+
+    root = Path(args.root).resolve()
+    with connect(args.address) as cluster:
+        use_gpu = cluster_has_gpus(cluster) if args.gpu is None else args.gpu
+        workers = Workers(args.workers, use_gpu=use_gpu, cpus_per_worker=args.cpus_per_worker)
+        check_capacity(workers, cluster)
+        models = len({j.model for j in jobs})
+        parallel = args.parallel or max(1, min(models, workers.runs_that_fit(cluster)))
+        say(f"{models} model(s), {parallel} at a time; {workers.count} workers per run "
+            f"({'GPU' if use_gpu else 'CPU'}), strategy={args.strategy}")
+        runner = partial(run_job, workers=workers, storage=root / "ray", max_failures=args.max_failures)
+        outcomes = run_models(jobs, runner, parallel=parallel, report=say)
+    results = collect(jobs, {model: outcome.status for model, outcome in outcomes.items()})
+    table, data = write_results(root, results)
+    print(markdown_table(results), flush=True)
+    say(f"results written to {table} and {data}")
+    return all(o.failure is None for o in outcomes.values())
+
+
+def say(line: str) -> None:
+    print(f"{PROG}: {line}", flush=True)
+
+
+def main(argv: Optional[Sequence[str]] = None, command: str = COMMAND) -> int:
+    """``command`` is how the user runs this (``adala-ray-sweep``, ``python launchers/ray_sweep.py``), for usage
+    and hints."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:
+        print(HINT.format(prog=PROG, command=command), end="", file=sys.stderr)
+        return 2
+    try:
+        args, overrides = parse(argv, command)
+        require_extra("ray", "the Ray sweep")
+        jobs = plan_sweep(args, overrides)
+        return 0 if sweep(args, jobs) else 1
+    except UserError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; run the same command again to continue from the checkpoints", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""``adala-submit`` (from a checkout: ``python launchers/submit.py``): submit the whole method for one or several
+models to SLURM with submitit, and show how it is going.
+
+    adala-submit --models dinov2_l clip_l --nodes 2 --gpus-per-node 8 \\
+        dinov2_l:model.weights=/weights/dinov2_l.safetensors clip_l:model.weights=/weights/clip_l.safetensors \\
+        's1:data.train="/data/coco/train-{000000..000118}.tar"' 's2:data.train="/data/in22k/train-{000000..014197}.tar"' \\
+        'in1k:data.train="/data/in1k/train-{0000..1023}.tar"' 'in1k:data.val="/data/in1k/val-{0000..0063}.tar"' ...
+    adala-submit --demo                  # the built-in demo pipeline, for two demo models
+    adala-submit ... --dry-run           # print the job graph; submit nothing
+    adala-submit status [--root DIR]     # each job's state and latest checkpoint
+
+Per model: Stage 1 → Stage 2 (after Stage 1 succeeds) → the Stage-3 tasks (after Stage 2), each a job with its
+own run directory under ``--root``; Stage 1 reads COCO and Stage 2 ImageNet-22K unless told otherwise. Overrides
+apply to every job; ``SCOPE:key=value`` to one model's jobs or one step's (s1, s2, s3, or a task: in1k, ade20k,
+cityscapes); ``MODEL:STEP:key=value`` to one step of one model (dinov2_l:s2:...); more scopes win. Every job is
+validated before anything is submitted.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+from adala.errors import UserError, require_extra
+from adala.launch import pipeline, slurm
+
+DEFAULT_MINUTES = {"teacher": 60, "s1": 8 * 60, "s2": 24 * 60, "s3": 12 * 60}
+RECORD = "pipeline.json"
+COMMAND = "adala-submit"  # the console entry point; a checkout runs python launchers/submit.py
+
+
+def parse(argv: Sequence[str], command: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog=command, description="Submit the whole method for one or several models to SLURM with submitit, and "
+                                  "show how it is going.",
+        epilog="overrides: key=value for every job, SCOPE:key=value for one model (dinov2_l:), one step (s1: s2: s3:) "
+               "or one Stage-3 task (in1k: ade20k: cityscapes:), MODEL:STEP:key=value for one step of one model "
+               "(dinov2_l:s2:); more scopes win. Stage 1 reads COCO and Stage 2 ImageNet-22K unless told otherwise "
+               "(s1:data.train=... s2:data.train=...)")
+    parser.add_argument("--models", nargs="+", help=f"default: {' '.join(pipeline.DEFAULT_MODELS)} (demo: the demo models)")
+    parser.add_argument("--tasks", nargs="+", help=f"Stage-3 tasks, default: {' '.join(pipeline.DEFAULT_TASKS)}")
+    parser.add_argument("--root", default="runs/pipeline", help="run directories and submitit logs go here")
+    parser.add_argument("--demo", action="store_true", help="the built-in demo data, a teacher job and demo sizes")
+    parser.add_argument("--dry-run", action="store_true", help="validate and print the job graph; submit nothing")
+    parser.add_argument("--partition", help="default: the cluster's default partition")
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--gpus-per-node", type=int, default=8)
+    parser.add_argument("--tasks-per-node", type=int, help="ranks per node, default: one per GPU")
+    parser.add_argument("--cpus-per-task", type=int, default=8)
+    parser.add_argument("--mem-gb", type=int, default=0, help="memory per node; 0 (default) takes the whole node")
+    parser.add_argument("--time", nargs="+", default=[], metavar="STEP=MIN",
+                        help=f"time limits in minutes, default {' '.join(f'{k}={v}' for k, v in DEFAULT_MINUTES.items())}")
+    parser.add_argument("--signal-delay", type=int, default=300, help="seconds before the time limit to save and requeue")
+    parser.add_argument("overrides", nargs="*", help="[MODEL:][STEP:]key=value Hydra overrides")
+    args = parser.parse_args(argv)
+    for option in ("models", "tasks"):  # `--models a b key=value`: the overrides after a list are not names
+        names = getattr(args, option) or []
+        setattr(args, option, [n for n in names if "=" not in n] or None)
+        args.overrides = [n for n in names if "=" in n] + args.overrides
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None, command: str = COMMAND) -> int:
+    """``command`` is how the user runs this (``adala-submit``, ``python launchers/submit.py``), for usage and hints."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if args[:1] == ["status"]:
+            status_args = argparse.ArgumentParser(prog=f"{command} status")
+            status_args.add_argument("--root", default="runs/pipeline")
+            return status(Path(status_args.parse_args(args[1:]).root))
+        return submit(parse(args, command), command)
+    except UserError as err:
+        print(f"submit: error: {err}", file=sys.stderr)
+        return 2
+
+
+def submit(args: argparse.Namespace, command: str) -> int:
+    root = Path(args.root).absolute()
+    models = args.models or (pipeline.DEMO_MODELS if args.demo else pipeline.DEFAULT_MODELS)
+    minutes = _minutes(args.time)
+    tasks_per_node = args.tasks_per_node or max(1, args.gpus_per_node)
+    if not args.dry_run:
+        require_extra("submitit", "submitting the pipeline")
+    if slurm.available():
+        part = slurm.partition(args.partition)
+        slurm.check_request(part, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                            cpus_per_node=tasks_per_node * args.cpus_per_task)
+    elif not args.dry_run:
+        raise UserError("no SLURM commands here (sinfo not found); submit from a login node, or use --dry-run")
+    _refuse_if_running(root)
+    jobs = pipeline.plan(models, root, tasks=args.tasks, overrides=args.overrides, demo=args.demo)
+    pipeline.validate_jobs(jobs, world_size=args.nodes * tasks_per_node)
+    resources = (f"{args.nodes} node(s) x {tasks_per_node} rank(s), {args.gpus_per_node} GPU(s) and "
+                 f"{args.cpus_per_task * tasks_per_node} CPUs per node")
+    if args.dry_run:
+        print(f"dry run: {len(jobs)} jobs, each on {resources}; nothing submitted")
+        print(_graph(jobs, minutes))
+        return 0
+    ids = _submit_all(jobs, root, args, tasks_per_node, minutes)
+    record = {"submitted": time.strftime("%Y-%m-%dT%H:%M:%S"), "resources": resources,
+              "jobs": [{"name": j.name, "id": ids[j.name], "stage": j.stage, "run_dir": str(j.run_dir),
+                        "after": [a.name for a in j.after]} for j in jobs]}
+    tmp = root / f".{RECORD}.tmp"
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, root / RECORD)
+    print(_graph(jobs, minutes, ids))
+    print(f"submitted {len(jobs)} jobs; follow them with: {command} status --root {args.root}")
+    return 0
+
+
+def _submit_all(jobs, root: Path, args: argparse.Namespace, tasks_per_node: int, minutes: dict[str, int]) -> dict[str, str]:
+    import submitit
+
+    from adala.launch.submitit_job import StageJob
+
+    ids: dict[str, str] = {}
+    for job in jobs:
+        executor = submitit.AutoExecutor(folder=root / "submitit" / "%j", slurm_max_num_timeout=100)
+        dependency = {"slurm_dependency": "afterok:" + ":".join(ids[a.name] for a in job.after)} if job.after else {}
+        executor.update_parameters(
+            name=f"adala-{job.model}-{job.step}", nodes=args.nodes, tasks_per_node=tasks_per_node,
+            gpus_per_node=args.gpus_per_node or None, cpus_per_task=args.cpus_per_task, mem_gb=args.mem_gb,
+            timeout_min=_limit(minutes, job.step), slurm_partition=args.partition,
+            slurm_signal_delay_s=args.signal_delay, slurm_additional_parameters={"requeue": True}, **dependency,
+        )
+        ids[job.name] = executor.submit(StageJob(job.overrides)).job_id
+    return ids
+
+
+def status(root: Path) -> int:
+    from adala.engine.checkpoint import latest_checkpoint
+
+    record_path = root / RECORD
+    if not record_path.is_file():
+        raise UserError(f"no submitted pipeline in {root} ({RECORD} not found); pass --root")
+    record = json.loads(record_path.read_text())
+    print(f"pipeline submitted {record['submitted']} ({record['resources']})")
+    print(f"{'job':<26}{'id':>8}  {'state':<24}{'latest checkpoint':<20}export")
+    for job in record["jobs"]:
+        info = slurm.job_state(job["id"]) if slurm.available() else {}
+        run_dir = Path(job["run_dir"])
+        export = (run_dir / "export" / "model.safetensors").is_file()
+        state = info.get("JobState", "COMPLETED?" if export else "unknown")
+        if info.get("Reason", "None") != "None":
+            state += f" ({info['Reason']})"
+        latest = latest_checkpoint(run_dir / "checkpoints")
+        print(f"{job['name']:<26}{job['id']:>8}  {state:<24}{latest.name if latest else '-':<20}"
+              f"{'yes' if export else '-'}")
+    return 0
+
+
+def _graph(jobs, minutes: dict[str, int], ids: Optional[dict[str, str]] = None) -> str:
+    lines = [f"{'job':<26}{'id':>8}  {'stage':<17}{'after':<28}{'time':>6}  run_dir"]
+    for job in jobs:
+        after = ",".join(a.name for a in job.after) or "-"
+        lines.append(f"{job.name:<26}{(ids or {}).get(job.name, '-'):>8}  {job.stage:<17}{after:<28}"
+                     f"{_limit(minutes, job.step):>5}m  {job.run_dir}")
+    return "\n".join(lines)
+
+
+def _limit(minutes: dict[str, int], step: str) -> int:
+    return minutes.get(step, minutes["s3"])
+
+
+def _minutes(items: Sequence[str]) -> dict[str, int]:
+    limits = dict(DEFAULT_MINUTES)
+    for item in items:
+        step, _, value = item.partition("=")
+        if step not in limits or not value.isdigit():
+            raise UserError(f"--time {item!r}: use STEP=MINUTES with STEP one of {', '.join(limits)}")
+        limits[step] = int(value)
+    return limits
+
+
+def _refuse_if_running(root: Path) -> None:
+    """A second submission into the same root while the first is queued or running would race on its run dirs."""
+    record = root / RECORD
+    if not record.is_file() or not slurm.available():
+        return
+    for job in json.loads(record.read_text())["jobs"]:
+        if slurm.job_state(job["id"]).get("JobState") in slurm.ACTIVE_STATES:
+            raise UserError(f"job {job['id']} ({job['name']}) of the pipeline in {root} is still queued or running; "
+                            f"wait for it, scancel it, or choose another --root")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
