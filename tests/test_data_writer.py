@@ -15,31 +15,15 @@ from PIL import Image
 from adala.config import DataConfig
 from adala.data.__main__ import main
 from adala.data.opener import Reader
-from adala.data.pipeline import eval_stream
+from adala.data.pipeline import eval_stream, resolve_data
 from adala.data.skips import Skips
 from adala.data.sources import list_source
 from adala.data.transforms import build_transform
 from adala.data.writer import WriteOptions, write_listing
 from adala.errors import UserError
+from tests.data_layouts import SIZE, encoded, loc_val_solution, photo, put, synset_tar
 
-SIZE = 16
 PLAIN = build_transform("plain", img_size=SIZE, mean=(0.0,) * 3, std=(1.0,) * 3)  # identity at SIZE: pixels / 255
-
-
-def encoded(array: np.ndarray, format: str) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format=format)
-    return buffer.getvalue()
-
-
-def put(path: Path, data: bytes) -> bytes:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    return data
-
-
-def photo(seed: int, format: str = "JPEG") -> bytes:
-    return encoded(np.random.default_rng(seed).integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8), format)
 
 
 def read_shards(out: Path, split: str = "train") -> dict[str, dict]:
@@ -55,7 +39,7 @@ def read_shards(out: Path, split: str = "train") -> dict[str, dict]:
 def through_pipeline(out: Path, fields: tuple[str, ...], split: str = "train") -> list[dict[str, torch.Tensor]]:
     manifest = json.loads((out / f"{split}.manifest.json").read_text())
     data = DataConfig(val=f"{out}/{split}-{{000000..{len(manifest['shards']) - 1:06d}}}.tar")
-    stream = eval_stream(data, fields=fields, transform=PLAIN, batch_size=64, rank=0, world_size=1)
+    stream = eval_stream(resolve_data(data), fields=fields, transform=PLAIN, batch_size=64, rank=0, world_size=1)
     batches = list(stream)
     assert sum(stream.counters().values()) == 0
     return batches
@@ -96,8 +80,7 @@ def test_in1k_val_with_a_labels_file(tmp_path: Path) -> None:
         put(src / f"ILSVRC2012_val_{index:08d}.JPEG", photo(index))
     synsets = {1: "n02", 2: "n01", 3: "n03", 4: "n01"}  # image 5 has no label: left out
     (tmp_path / "val.txt").write_text("".join(f"ILSVRC2012_val_{i:08d}.JPEG {s}\n" for i, s in synsets.items()))
-    (tmp_path / "LOC_val_solution.csv").write_text("ImageId,PredictionString\n" + "".join(
-        f"ILSVRC2012_val_{i:08d},{s} 1 2 30 40 {s} 5 6 7 8\n" for i, s in synsets.items()))
+    loc_val_solution(tmp_path / "LOC_val_solution.csv", {f"ILSVRC2012_val_{i:08d}": s for i, s in synsets.items()})
     for labels in ("val.txt", "LOC_val_solution.csv"):
         out = tmp_path / labels.replace(".", "_")
         manifest = write("in1k", src, out, split="val", labels=str(tmp_path / labels))
@@ -107,16 +90,9 @@ def test_in1k_val_with_a_labels_file(tmp_path: Path) -> None:
 
 
 def test_in22k_synset_tars_and_folders(tmp_path: Path) -> None:
-    import tarfile
-
     src = tmp_path / "in22k"
-    src.mkdir()
     inside = {f"n001_{i}": photo(10 + i) for i in range(3)}
-    with tarfile.open(src / "n001.tar", "w") as tar:
-        for key, data in inside.items():
-            info = tarfile.TarInfo(f"{key}.JPEG")
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+    synset_tar(src / "n001.tar", {f"{key}.JPEG": data for key, data in inside.items()})
     folder = {"n002_0": put(src / "n002" / "n002_0.JPEG", photo(20))}
     manifest = write("in22k", src, tmp_path / "out")
     assert manifest["classes"] == ["n001", "n002"]

@@ -35,7 +35,7 @@ DEIT = "deit_tiny_patch16_224.fb_in1k"
 # The paper's models (Table 5): the timm architecture, the Stage-2 loss weight α and Stage-2 epochs.
 PAPER = {
     "dinov2_l": ("vit_large_patch14_dinov2", 5.0, 30),
-    "clip_l": ("vit_large_patch14_clip_224", 4000.0, 15),
+    "clip_l": ("vit_large_patch14_clip_quickgelu_224", 4000.0, 15),
     "siglip_l": ("vit_large_patch16_siglip_256", 1.0, 10),
     "vit_l_in1k": ("vit_large_patch16_224", 1.0, 20),
 }

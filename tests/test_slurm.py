@@ -85,7 +85,7 @@ def test_requeue_and_time_limit_warning_resume_to_the_same_weights(uninterrupted
     info = wait_done(job, timeout=400)
     log = (tmp_path / f"slurm-{job}.out").read_text()
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "2", log[-3000:]
-    assert "time limit close" in log and log.count("resumed from") >= 4  # two ranks, two resumes
+    assert "time limit close" in log and log.count("resumed from") >= 2  # rank 0 logs both resumes (other ranks log warnings only)
 
     assert logged_steps(run_dir) == logged_steps(uninterrupted)  # every step once
     final = read_state_dict(run_dir / "export" / "model.safetensors")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 from adala.config import Config, compose, override
 from adala.errors import UserError
@@ -219,3 +219,12 @@ def _demo_recipe(common: Sequence[str]) -> dict[str, list[str]]:
     demo = compose([o for o in common if o.startswith("demo.")]).demo
     shards, _ = demo_shards(demo)
     return demo_recipe(demo, shards)
+
+
+def job_table(jobs: Sequence[Job], columns: Mapping[str, Callable[[Job], str]] = {}) -> str:
+    """The job graph as a table: each job's name, stage, the jobs it waits for, ``columns`` and its run directory."""
+    header = ["job", "stage", "after", *columns, "run_dir"]
+    rows = [[job.name, job.stage, ",".join(a.name for a in job.after) or "-", *(f(job) for f in columns.values()),
+             str(job.run_dir)] for job in jobs]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header) - 1)]
+    return "\n".join("  ".join([*(cell.ljust(w) for cell, w in zip(row, widths)), row[-1]]) for row in [header, *rows])

@@ -56,6 +56,7 @@ def parser(command: str = COMMAND) -> argparse.ArgumentParser:
     p.add_argument("--max-failures", type=int, default=2, help="worker-group restarts per stage run (%(default)s)")
     p.add_argument("--parallel", type=int, help="models at a time (default: as many as the cluster holds)")
     p.add_argument("--demo", action="store_true", help="the built-in demo's data, teacher and recipe")
+    p.add_argument("--dry-run", action="store_true", help="validate every job and print the job graph; start nothing")
     return p
 
 
@@ -117,6 +118,12 @@ def main(argv: Optional[Sequence[str]] = None, command: str = COMMAND) -> int:
         args, overrides = parse(argv, command)
         require_extra("ray", "the Ray sweep")
         jobs = plan_sweep(args, overrides)
+        if args.dry_run:
+            from adala.launch.pipeline import job_table
+
+            print(f"dry run: {len(jobs)} jobs, {args.workers} workers each; nothing started")
+            print(job_table(jobs))
+            return 0
         return 0 if sweep(args, jobs) else 1
     except UserError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)

@@ -154,12 +154,8 @@ def status(root: Path) -> int:
 
 
 def _graph(jobs, minutes: dict[str, int], ids: Optional[dict[str, str]] = None) -> str:
-    lines = [f"{'job':<26}{'id':>8}  {'stage':<17}{'after':<28}{'time':>6}  run_dir"]
-    for job in jobs:
-        after = ",".join(a.name for a in job.after) or "-"
-        lines.append(f"{job.name:<26}{(ids or {}).get(job.name, '-'):>8}  {job.stage:<17}{after:<28}"
-                     f"{_limit(minutes, job.step):>5}m  {job.run_dir}")
-    return "\n".join(lines)
+    return pipeline.job_table(jobs, {"id": lambda job: (ids or {}).get(job.name, "-"),
+                                     "time": lambda job: f"{_limit(minutes, job.step)}m"})
 
 
 def _limit(minutes: dict[str, int], step: str) -> int:

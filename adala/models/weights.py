@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
@@ -60,12 +61,22 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         except SafetensorError as err:
             raise UserError(f"cannot read weights {path}: {err}; the file is damaged or not a safetensors file") from None
     try:
+        if is_torchscript(path):  # OpenAI's CLIP releases are TorchScript archives of the whole model
+            return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:  # pickle errors, truncated files, ...
         raise UserError(f"cannot read weights {path}: {err}; pass a .safetensors, .pth or .npz file") from None
     if not isinstance(state, Mapping):
         raise UserError(f"weights {path} hold a {type(state).__name__}, not a state dict")
     return dict(state)
+
+
+def is_torchscript(path: Path) -> bool:
+    """Whether ``path`` is a TorchScript archive (a zip holding compiled code beside the tensors)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("/constants.pkl") for name in archive.namelist())
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike, *, model_name: str = "model") -> None:
