@@ -468,7 +468,8 @@ RULES = (
     # installing
     Rule(r"python3 -m venv \.venv && \.venv/bin/pip install", installed(demo=True), ("slow",)),
     # where adala is installed (the README's first command), pip takes the installed one and adds the extra
-    Rule(r"pip install 'adala\[(submitit|ray)\]'$", installed(then=("python -c 'import submitit, ray.train'",)), ("slow",)),
+    Rule(r"pip install 'adala\[submitit\]'$", installed(then=("python -c 'import submitit'",)), ("slow",)),
+    Rule(r"pip install 'adala\[ray\]'$", installed(then=("python -c 'import ray.train'",)), ("slow",)),
     Rule(r"pip install -e \.$", installed(then=("adala --help",)), ("slow",)),
     Rule(r"pip install \.$", installed(then=("adala --help",)), ("slow",)),  # a wheel: its configs come along
     Rule(r"bash scripts/test\.sh$", ci_runs(".ci/run")),
@@ -499,7 +500,8 @@ RULES = (
     Rule(r"python launchers/(submit|ray_sweep)\.py (?!--demo)",
          without_slurm(as_written(extra=("--dry-run",), stdout="dry run"))),
     Rule(r"python launchers/ray_sweep\.py --demo --dry-run$", as_written(stdout="dry run")),
-    Rule(r"python launchers/ray_sweep\.py --demo$", as_written(extra=tuple(DEMO_TINY), stdout="demo_tiny"), ("slow", "ray")),
+    Rule(r"python launchers/ray_sweep\.py --demo$", as_written(extra=(*DEMO_TINY, "demo.samples_per_shard=32"), stdout="demo_tiny"),
+         ("slow", "ray")),  # tiny sizes: small shards, so each of the 2 workers reads its own in Stage 3
     Rule(r"python launchers/\*\.py$", files_exist),
     # data
     Rule(r"python -m adala\.data write /datasets/", as_written(stdout=r"\d+ samples in \d+ shards")),
