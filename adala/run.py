@@ -9,10 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Collection, Iterable, Optional
 
-from adala.attention import get_kernel
 from adala.config import Config, StageConfig, to_yaml
 from adala.errors import UserError
-from adala.models import check_img_size, model_spec
+from adala.models import check_img_size, model_spec, normalise_attention
 
 if TYPE_CHECKING:
     from adala.data.pipeline import DataPlan
@@ -103,21 +102,13 @@ def validate_run(cfg: Config, *, world_size: Optional[int] = None, pending: Coll
 
 def _attention(cfg: Config, stage: StageConfig) -> dict[str, Any]:
     """The attention of the model a stage trains, normalised; a choice that contradicts the stage is refused."""
-    attention = cfg.attention
-    if attention.kind == "softmax":
-        if stage.name in ALIGNMENT_STAGES:
-            raise UserError(f"stage {stage.name} trains linear attention, so attention=softmax contradicts it; "
-                            "drop attention=softmax or choose a kernel, e.g. attention=elu1")
-        return {"kind": "softmax"}
-    if attention.kind != "linear":
-        raise UserError(f"unknown attention kind {attention.kind!r}; use attention=elu1 (linear) or attention=softmax")
-    try:
-        get_kernel(attention.kernel)
-    except ValueError as err:
-        raise UserError(str(err)) from None
-    if attention.eps <= 0:
-        raise UserError(f"attention.eps must be positive, got {attention.eps}")
-    return {"kind": "linear", "kernel": attention.kernel, "eps": float(attention.eps)}
+    attention = normalise_attention(vars(cfg.attention))
+    if attention["kind"] == "softmax" and stage.name in ALIGNMENT_STAGES:
+        raise UserError(f"stage {stage.name} trains linear attention, so attention=softmax contradicts it; "
+                        "drop attention=softmax or choose a kernel, e.g. attention=elu1")
+    if attention["kind"] == "linear" and attention["eps"] <= 0:
+        raise UserError(f"attention.eps must be positive, got {attention['eps']}")
+    return attention
 
 
 def _check_run(cfg: Config, world_size: int) -> None:

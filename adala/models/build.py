@@ -62,7 +62,7 @@ def build_vfm(
     spec = get_vfm(model) if isinstance(model, str) else model
     img_size = img_size or spec.native_img_size
     check_img_size(spec, img_size)
-    requested = _normalise(attention)
+    requested = normalise_attention(attention)
     stored = SOFTMAX
     if weights is not None:
         meta = read_export_metadata(weights)
@@ -70,7 +70,7 @@ def build_vfm(
             if meta.get("model") not in (None, spec.name):
                 raise UserError(f"weights {weights} were exported from {meta['model']}, not {spec.name}; "
                                 f"set model={meta['model']}")
-            stored = _normalise(meta.get("attention")) or SOFTMAX
+            stored = normalise_attention(meta.get("attention")) or SOFTMAX
     _refuse_other_linear(weights, stored, requested)
     vit = timm.create_model(spec.timm_id, pretrained=False, **create_kwargs(spec, img_size, num_classes))
     if stored["kind"] == "linear":
@@ -96,14 +96,16 @@ def _refuse_other_linear(weights: Any, stored: dict[str, Any], requested: Option
         )
 
 
-def _normalise(attention: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
+def normalise_attention(attention: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
+    """``{"kind": "softmax"}`` or ``{"kind": "linear", "kernel", "eps"}`` with defaults filled in (None stays None);
+    an unknown kind or kernel is a :class:`UserError`."""
     if attention is None:
         return None
     kind = attention.get("kind", "linear")
     if kind == "softmax":
         return dict(SOFTMAX)
     if kind != "linear":
-        raise UserError(f"unknown attention kind {kind!r}; use softmax or linear")
+        raise UserError(f"unknown attention kind {kind!r}; use attention=elu1 (linear) or attention=softmax")
     kernel = attention.get("kernel", "elu1")
     try:
         get_kernel(kernel)
@@ -118,4 +120,4 @@ def _describe(attention: dict[str, Any]) -> str:
     return f"linear attention ({attention['kernel']}, eps={attention['eps']:g})"
 
 
-__all__ = ["attention_config", "build_vfm", "create_kwargs", "token_layout"]
+__all__ = ["attention_config", "build_vfm", "create_kwargs", "normalise_attention", "token_layout"]
