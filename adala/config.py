@@ -6,10 +6,8 @@ cannot (model names, resolutions, files) before any work starts.
 """
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from adala.errors import UserError

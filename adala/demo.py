@@ -27,6 +27,7 @@ from adala.data.demo_images import VERSION as DATA_VERSION
 from adala.models import save_export
 from adala.models.weights import read_export_metadata, read_state_dict
 from adala.engine.rundir import lock_run_dir
+from adala.files import write_text_atomic
 from adala.launch.pipeline import VARIANTS, plan
 from adala.run import run_stage
 
@@ -72,9 +73,7 @@ def _run_demo(cfg: Config, overrides: Sequence[str], run_dir: Path, started: flo
         "seconds": round(time.perf_counter() - started, 1),
         "demo": dataclasses.asdict(demo),
     }
-    tmp = report_path.with_name(".report.json.tmp")
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, report_path)
+    write_text_atomic(report_path, json.dumps(summary, indent=2) + "\n")
     print(format_table(report))
     print(f"report: {report_path}  ({summary['seconds']:.0f} s)")
     return summary

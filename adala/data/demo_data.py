@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
 from adala.data.demo_images import NUM_CLASSES, NUM_SEG_CLASSES, render
-from adala.data.tario import encode_png, temporary, write_samples
+from adala.data.tario import encode_png, write_samples
 from adala.engine.rundir import cache_entry_lock
+from adala.files import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +49,7 @@ def ensure_demo_shards(
                 manifest = write_samples(_samples(split, count, size), directory, split=split, per_shard=per_shard,
                                          extra={"format": "demo", "classes": [str(c) for c in range(NUM_CLASSES)]})
                 shards[split] = len(manifest["shards"])
-            tmp = temporary(record)
-            tmp.write_text(json.dumps({"request": wanted, "shards": shards}, indent=2) + "\n")
-            os.replace(tmp, record)
+            write_text_atomic(record, json.dumps({"request": wanted, "shards": shards}, indent=2) + "\n")
         shards = json.loads(record.read_text())["shards"]
     return {split: _pattern(directory, split, count) for split, count in shards.items()}
 

@@ -14,6 +14,7 @@ from typing import Any, Optional, Sequence
 
 from adala.data.opener import Reader
 from adala.data.shards import is_local, local_path, split_of
+from adala.files import write_text_atomic
 
 log = logging.getLogger("adala.data")
 
@@ -28,10 +29,7 @@ def manifest_name(split: str) -> str:
 def write_manifest(out_dir: Path, split: str, manifest: dict[str, Any]) -> Path:
     """Write atomically (temporary name, then rename), so a reader never sees half a manifest."""
     path = Path(out_dir) / manifest_name(split)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, json.dumps(manifest, indent=1) + "\n")
 
 
 def read_manifest(url: str, reader: Reader) -> Optional[dict[str, Any]]:

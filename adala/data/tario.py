@@ -11,16 +11,13 @@ from typing import IO, Any, Iterable, Mapping, Optional
 
 import numpy as np
 
+from adala.files import temporary
+
 TAR_METADATA = dict(user="", group="", mode=0o644, mtime=0)
 
 
 def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}.tar"
-
-
-def temporary(path: Path) -> Path:
-    """Where ``path`` is written before the rename; starts with a dot so shard patterns never match it."""
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
 def write_tar(path: Path, samples: Iterable[Mapping[str, Any]]) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from adala.data.opener import Reader
 from adala.data.sources import Listing, SourceItem
 from adala.data.tario import remove_other_shards, shard_name, write_tar
 from adala.errors import UserError
+from adala.files import write_text_atomic
 
 log = logging.getLogger("adala.data")
 
@@ -124,9 +125,7 @@ def _run(tasks: list[_Task], processes: int) -> Iterator[dict[str, Any]]:
 def _write_shard(task: _Task) -> dict[str, Any]:
     entry = {**write_tar(task.path, (_sample(task, item) for item in task.items)), "source_digest": task.digest}
     record = _record_path(task.path)
-    tmp = record.with_name(f"{record.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(entry))
-    os.replace(tmp, record)
+    write_text_atomic(record, json.dumps(entry))
     return entry
 
 

@@ -9,6 +9,8 @@ from typing import Iterator, Mapping
 
 from tqdm import tqdm
 
+from adala.files import write_text_atomic
+
 
 class MetricLogger:
     """Logs on the main rank (``enabled``); ``progress``: draw a progress bar (decided by the caller, see
@@ -77,7 +79,5 @@ def _log_file(path: Path, start_step: int):
     steps after its checkpoint, and each step should appear once."""
     if path.exists():
         kept = [line for line in path.read_text().splitlines(keepends=True) if json.loads(line)["step"] <= start_step]
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(kept))
-        tmp.replace(path)
+        write_text_atomic(path, "".join(kept))
     return open(path, "a", buffering=1)

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 from adala.launch.pipeline import Job
+from adala.files import write_text_atomic
 
 METRIC_OF_STAGE = {"finetune_cls": "top1", "finetune_seg": "miou"}
 METRIC_TITLES = {"top1": "top-1", "miou": "mIoU"}
@@ -80,15 +80,9 @@ def write_results(root: Path, results: Sequence[ModelResult]) -> tuple[Path, Pat
     root.mkdir(parents=True, exist_ok=True)
     table = root / "results.md"
     data = root / "results.json"
-    _write_atomic(table, markdown_table(results))
-    _write_atomic(data, json.dumps({"models": [asdict(r) for r in results]}, indent=2) + "\n")
+    write_text_atomic(table, markdown_table(results))
+    write_text_atomic(data, json.dumps({"models": [asdict(r) for r in results]}, indent=2) + "\n")
     return table, data
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
 
 
 def _loss(value: Optional[float]) -> str:

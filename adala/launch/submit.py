@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence
 
 from adala.errors import UserError, require_extra
+from adala.files import write_text_atomic
 from adala.launch import pipeline, slurm
 
 DEFAULT_MINUTES = {"teacher": 60, "s1": 8 * 60, "s2": 24 * 60, "s3": 12 * 60}
@@ -104,9 +104,7 @@ def submit(args: argparse.Namespace, command: str) -> int:
     record = {"submitted": time.strftime("%Y-%m-%dT%H:%M:%S"), "resources": resources,
               "jobs": [{"name": j.name, "id": ids[j.name], "stage": j.stage, "run_dir": str(j.run_dir),
                         "after": [a.name for a in j.after]} for j in jobs]}
-    tmp = root / f".{RECORD}.tmp"
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, root / RECORD)
+    write_text_atomic(root / RECORD, json.dumps(record, indent=2) + "\n")
     print(_graph(jobs, minutes, ids))
     print(f"submitted {len(jobs)} jobs; follow them with: {command} status --root {args.root}")
     return 0
