@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 from adala.errors import UserError
-
 from adala.paths import config_dir
 
 CONFIG_DIR = config_dir()
