@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
-# A one-node SLURM cluster on 127.0.0.1, for trying the launchers and for their tests (needs root).
+# A SLURM cluster of one or several nodes on 127.0.0.1, for trying the launchers and for their tests (needs root).
 #
-#   bash scripts/local_slurm.sh up      install slurm-wlm + munge (Debian/Ubuntu) if missing, start munged,
-#                                       slurmctld and slurmd, wait until the node is idle
-#   bash scripts/local_slurm.sh down    stop them and remove the configuration this script wrote
+#   bash scripts/local_slurm.sh up [--nodes N]   install slurm-wlm + munge (Debian/Ubuntu) if missing, start
+#                                                munged, slurmctld and one slurmd per node, wait until every
+#                                                node is idle (N: default 1)
+#   bash scripts/local_slurm.sh down             stop them and remove the configuration this script wrote
 #
-# The node offers every CPU and most of the memory of this machine, and ADALA_SLURM_GPUS (default 2) GPUs
-# as a generic resource without device files, so `--gpus-per-node` requests schedule on a CPU-only machine;
-# the jobs themselves then run on CPU. Files live in ADALA_SLURM_DIR (default /tmp/adala-slurm).
+# One node is named after this machine and offers every CPU and most of its memory. Several nodes are
+# node0, node1, ...: one `slurmd -N nodeI` each, on a port of its own, each offering an equal share of the
+# CPUs and of the memory, but at least 2 CPUs and 12 GB where the machine has them, so the one-node launcher
+# tests fit one node of a small machine (the nodes then overlap). Their names do not resolve: as on clusters
+# whose node names are not host names, a job finds a node's address in `scontrol show node` (NodeAddr, here
+# 127.0.0.1). Every node has ADALA_SLURM_GPUS (default 2) stand-in GPUs: a generic resource without device
+# files, so `--gpus-per-node` requests schedule on a CPU-only machine; the jobs themselves then run on CPU.
+# Files live in ADALA_SLURM_DIR (default /tmp/adala-slurm).
 set -euo pipefail
 
 STATE=${ADALA_SLURM_DIR:-/tmp/adala-slurm}
@@ -24,11 +30,20 @@ install_packages() {
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null
 }
 
+# The node names for N nodes: this machine's name for one, node0 ... node{N-1} for several.
+node_names() {
+    if (( $1 == 1 )); then hostname -s; else seq -f 'node%g' 0 $(($1 - 1)); fi
+}
+
 write_config() {
-    local host cpus mem
+    local nodes=$1 host cpus all_mem mem names i name
     host=$(hostname -s)
-    cpus=$(nproc)
-    mem=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 * 9 / 10 ))
+    cpus=$(( $(nproc) / nodes ))
+    (( nodes == 1 || cpus >= 2 )) || cpus=2
+    all_mem=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 * 9 / 10 ))
+    mem=$(( all_mem / nodes ))
+    (( mem >= 12288 )) || mem=$(( all_mem < 12288 ? all_mem : 12288 ))
+    names=$(node_names "$nodes" | paste -sd,)
     if [[ -f $CONF_DIR/slurm.conf ]] && ! grep -qF "$MARK" "$CONF_DIR/slurm.conf"; then
         die "$CONF_DIR/slurm.conf exists and was not written by this script; not touching a real cluster's configuration"
     fi
@@ -50,23 +65,37 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 GresTypes=gpu
 StateSaveLocation=$STATE/ctld
-SlurmdSpoolDir=$STATE/d
 SlurmctldPidFile=$STATE/slurmctld.pid
-SlurmdPidFile=$STATE/slurmd.pid
 SlurmctldLogFile=$STATE/log/slurmctld.log
-SlurmdLogFile=$STATE/log/slurmd.log
+# Each slurmd reads a copy of this file that adds its own spool directory, pid file and log (see below).
+DebugFlags=NO_CONF_HASH
 ReturnToService=2
 MinJobAge=600
 KillWait=60
 JobRequeue=1
-NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem Gres=gpu:$GPUS State=UNKNOWN
-PartitionName=local Nodes=$host Default=YES MaxTime=INFINITE State=UP
 CONF
-    # Stand-ins for GPU device files: slurmd counts the files a gres.conf line names.
-    mkdir -p "$STATE/dev"
-    for ((i = 0; i < GPUS; i++)); do touch "$STATE/dev/gpu$i"; done
+    # Each node's slurmd listens on a port of its own; all of them run on this machine.
     echo "$MARK" > "$CONF_DIR/gres.conf"
-    echo "NodeName=$host Name=gpu File=$STATE/dev/gpu[0-$((GPUS - 1))]" >> "$CONF_DIR/gres.conf"
+    i=0
+    for name in $(node_names "$nodes"); do
+        echo "NodeName=$name NodeHostname=$host NodeAddr=127.0.0.1 Port=$((6818 + i)) CPUs=$cpus" \
+             "RealMemory=$mem Gres=gpu:$GPUS State=UNKNOWN" >> "$CONF_DIR/slurm.conf"
+        # Stand-ins for GPU device files: slurmd counts the files a gres.conf line names.
+        mkdir -p "$STATE/dev/$name" "$STATE/d/$name"
+        for ((g = 0; g < GPUS; g++)); do touch "$STATE/dev/$name/gpu$g"; done
+        echo "NodeName=$name Name=gpu File=$STATE/dev/$name/gpu[0-$((GPUS - 1))]" >> "$CONF_DIR/gres.conf"
+        i=$((i + 1))
+    done
+    echo "PartitionName=local Nodes=$names Default=YES MaxTime=INFINITE State=UP" >> "$CONF_DIR/slurm.conf"
+    # Several slurmd on one machine must not share a pid file (a new one kills the old) or a spool directory.
+    for name in $(node_names "$nodes"); do
+        mkdir -p "$STATE/conf/$name"
+        cp "$CONF_DIR/gres.conf" "$STATE/conf/$name/gres.conf"
+        { cat "$CONF_DIR/slurm.conf"
+          echo "SlurmdSpoolDir=$STATE/d/$name"
+          echo "SlurmdPidFile=$STATE/slurmd-$name.pid"
+          echo "SlurmdLogFile=$STATE/log/slurmd-$name.log"; } > "$STATE/conf/$name/slurm.conf"
+    done
 }
 
 start_munge() {
@@ -81,21 +110,33 @@ start_munge() {
 }
 
 up() {
-    [[ $(id -u) == 0 ]] || die "run as root (the daemons run as root on this one-node cluster)"
+    local nodes=1 name
+    while (( $# )); do
+        case $1 in
+            --nodes) nodes=${2:-}; shift 2 || die "--nodes needs a number" ;;
+            --nodes=*) nodes=${1#--nodes=}; shift ;;
+            *) die "unknown option $1; usage: bash scripts/local_slurm.sh up [--nodes N]" ;;
+        esac
+    done
+    [[ $nodes =~ ^[1-9][0-9]*$ ]] || die "--nodes $nodes: give a whole number of nodes, at least 1"
+    [[ $(id -u) == 0 ]] || die "run as root (the daemons of this local cluster run as root)"
+    if pgrep -x slurmctld >/dev/null || pgrep -x slurmd >/dev/null; then
+        die "SLURM daemons are already running; stop them first (bash scripts/local_slurm.sh down)"
+    fi
     install_packages
-    write_config
+    write_config "$nodes"
     start_munge
-    pgrep -x slurmctld >/dev/null || slurmctld
-    pgrep -x slurmd >/dev/null || slurmd
+    slurmctld
+    for name in $(node_names "$nodes"); do slurmd -f "$STATE/conf/$name/slurm.conf" -N "$name"; done
     for _ in $(seq 60); do
-        if sinfo -h -o %t 2>/dev/null | grep -qx idle; then
-            sinfo
+        if (( $(sinfo -h -N -o %t 2>/dev/null | grep -cx idle) == nodes )); then
+            sinfo -N
             return
         fi
         sleep 1
     done
     tail -n 20 "$STATE"/log/*.log >&2 || true
-    die "the node did not become idle in 60 s"
+    die "the nodes did not become idle in 60 s"
 }
 
 down() {
@@ -111,7 +152,7 @@ down() {
 }
 
 case ${1:-} in
-    up) up ;;
+    up) shift; up "$@" ;;
     down) down ;;
-    *) die "usage: bash scripts/local_slurm.sh up|down" ;;
+    *) die "usage: bash scripts/local_slurm.sh up [--nodes N] | down" ;;
 esac

@@ -8,7 +8,8 @@
 # The job validates its config first (a mistake ends it with exit code 2 and one line in the log), always runs
 # with resume=auto, and 5 minutes before its time limit (--signal) saves a checkpoint and requeues itself.
 # ADALA_PYTHON: the interpreter adala is installed in (default: the first python on PATH); ADALA_NPROC_PER_NODE:
-# processes per node (default: the GPUs per node).
+# processes per node (default: the GPUs per node); ADALA_ENTRY: a Python file of yours to run on every rank instead of
+# `python -m adala` (one that calls adala.run.run_stage, e.g. with a data stream of its own).
 #SBATCH --job-name=adala-s2
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1

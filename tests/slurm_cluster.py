@@ -16,14 +16,18 @@ from adala.launch.slurm import job_state
 REPO = Path(__file__).resolve().parents[1]
 
 
-def require_cluster() -> None:
-    """Skip unless a SLURM controller answers and a node is up (fail instead with ADALA_REQUIRE_SLURM=1)."""
+def require_cluster(nodes: int = 1) -> None:
+    """Skip unless a SLURM controller answers and ``nodes`` nodes are up (fail instead with ADALA_REQUIRE_SLURM=1)."""
     missing = pytest.fail if os.environ.get("ADALA_REQUIRE_SLURM") == "1" else pytest.skip
+    start = f"`bash scripts/local_slurm.sh up --nodes {max(nodes, 2)}` (as root)"
     if shutil.which("sinfo") is None:
-        missing("no SLURM here; start a one-node cluster with `bash scripts/local_slurm.sh up` (as root)")
-    out = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=30)
-    if out.returncode != 0 or not set(out.stdout.split()) & {"idle", "mix", "alloc"}:
+        missing(f"no SLURM here; start a local cluster with {start}")
+    out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True, timeout=30)
+    up = {line.split()[0] for line in out.stdout.splitlines() if line.split()[-1] in {"idle", "mix", "alloc"}}
+    if out.returncode != 0 or not up:
         missing(f"the SLURM cluster does not answer or has no node up: {out.stderr.strip() or out.stdout.strip()}")
+    if len(up) < nodes:
+        missing(f"the SLURM cluster has {len(up)} node(s) up and this test needs {nodes}; start one with {start}")
 
 
 def job_env() -> dict[str, str]:

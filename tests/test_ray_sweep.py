@@ -1,5 +1,6 @@
-"""launchers/ray_sweep.py on a real local Ray cluster: two demo VFMs with FSDP on 2 workers each, a killed worker
-resumed from its checkpoint, the results table; and bad input refused before anything starts."""
+"""launchers/ray_sweep.py on a real Ray cluster of two nodes on this machine: two demo VFMs with FSDP on 2 workers
+each, every run's workers spread over both nodes, a killed worker on the second node resumed from its checkpoint,
+the results table; and bad input refused before anything starts."""
 from __future__ import annotations
 
 import json
@@ -29,7 +30,8 @@ TINY = [
     "demo.finetune_steps=10", "demo.align_batch_size=8", "demo.finetune_batch_size=8", "demo.teacher_batch_size=8",
     "teacher:train.save_every=4", "train.log_every=1", "train.progress=false",
 ]
-CLUSTER_CPUS = 4
+NODE_CPUS = 2
+CLUSTER_CPUS = 2 * NODE_CPUS
 
 
 @pytest.fixture(scope="module")
@@ -43,21 +45,52 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory, env: dict[str, str]) -> Iterator[str]:
-    """A one-node Ray cluster with 4 CPUs, started by ``ray start --block`` and stopped through that process (it
-    drains the node and stops what it started): only this cluster, whatever else runs on the machine."""
+    """A Ray cluster of two nodes with 2 CPUs each: a head and a second node joined with ``ray start --address``,
+    each started by ``ray start --block`` and stopped through that process (it drains the node and stops what it
+    started): only this cluster, whatever else runs on the machine."""
     port = free_port()
-    log = tmp_path_factory.mktemp("ray_start") / "ray_start.log"
-    with log.open("w") as out:
-        head = subprocess.Popen(
-            [RAY, "start", "--head", "--block", f"--num-cpus={CLUSTER_CPUS}", "--num-gpus=0", f"--port={port}",
-             f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
-             "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={tmp_path_factory.mktemp('ray')}"],
-            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    logs = tmp_path_factory.mktemp("ray_start")
+    nodes: list[subprocess.Popen] = []
     try:
-        wait_for(lambda: "Ray runtime started" in log.read_text(), head, "the Ray cluster to start", timeout=120)
+        for role in (["--head", f"--port={port}", f"--ray-client-server-port={free_port()}",
+                      "--include-dashboard=false", f"--temp-dir={tmp_path_factory.mktemp('ray')}"],
+                     [f"--address=127.0.0.1:{port}"]):
+            log = logs / f"node{len(nodes)}.log"
+            with log.open("w") as out:
+                nodes.append(subprocess.Popen(
+                    [RAY, "start", "--block", *role, f"--num-cpus={NODE_CPUS}", "--num-gpus=0",
+                     f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats"],
+                    stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True))
+            wait_for(lambda: "Ray runtime started" in log.read_text(), nodes[-1], "a Ray node to start", timeout=120)
         yield f"127.0.0.1:{port}"
     finally:
-        stop_group(head)
+        for node in reversed(nodes):
+            stop_group(node)
+
+
+@pytest.fixture
+def ray_state(cluster: str, env: dict[str, str]) -> Iterator[Callable[[], tuple[dict[str, bool], list[dict]]]]:
+    """Reads the cluster's state from its GCS, as this test's own Ray driver: the alive nodes (node id -> is the
+    head) and the alive Ray Train workers (pid, node id, and the address of the actor that created them, one per
+    run)."""
+    import ray
+    from ray._private.state import actors
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAY_AUTH_MODE", env["RAY_AUTH_MODE"])
+        ray.init(address=cluster, logging_level="ERROR", log_to_driver=False)
+
+    def read() -> tuple[dict[str, bool], list[dict]]:
+        nodes = {n["NodeID"]: "node:__internal_head__" in n["Resources"] for n in ray.nodes() if n["Alive"]}
+        workers = [{"pid": a["Pid"], "node": a["Address"]["NodeID"],
+                    "owner": (a["OwnerAddress"]["IPAddress"], a["OwnerAddress"]["Port"])}
+                   for a in actors().values() if a["ActorClassName"] == "RayTrainWorker" and a["State"] == "ALIVE"]
+        return nodes, workers
+
+    try:
+        yield read
+    finally:
+        ray.shutdown()
 
 
 def stop_group(process: subprocess.Popen) -> None:
@@ -110,18 +143,27 @@ def logged_steps(run_dir: Path) -> list[int]:
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_demo_sweep_resumes_a_killed_worker_and_writes_results(cluster: str, env: dict[str, str],
-                                                               tmp_path: Path) -> None:
+def test_demo_sweep_spreads_over_two_nodes_resumes_a_killed_worker_and_writes_results(
+        cluster: str, ray_state, env: dict[str, str], tmp_path: Path) -> None:
     root = tmp_path / "sweep"
     stdout, stderr = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
     with stdout.open("w") as out, stderr.open("w") as err:
         sweep = subprocess.Popen(sweep_command(root, "--demo", "--address", cluster, "--workers", "2",
-                                               "--strategy", "fsdp", "--max-failures", "2", *TINY),
+                                               "--placement", "SPREAD", "--strategy", "fsdp", "--max-failures", "2",
+                                               *TINY),
                                  cwd=REPO, env=env, stdout=out, stderr=err)
     try:
         teacher = root / "demo_tiny" / "teacher"
+        wait_for(lambda: (teacher / "log.jsonl").is_file(), sweep, "the teacher's first step")
+        # From Ray's state: the teacher run's workers (those created by the actor that created its rank 0) are on
+        # both nodes; the one on the second node is killed once the first checkpoint is written.
+        nodes, workers = ray_state()
+        rank0 = next(w for w in workers if w["pid"] == rank0_worker(teacher).pid)
+        run_workers = [w for w in workers if w["owner"] == rank0["owner"]]
+        assert len(nodes) == 2 and {w["node"] for w in run_workers} == set(nodes), (nodes, run_workers)
+        second = next(w for w in run_workers if not nodes[w["node"]])
         wait_for(lambda: any((teacher / "checkpoints").glob("step-*")), sweep, "the teacher's first checkpoint")
-        rank0_worker(teacher).kill()  # SIGKILL: no chance to save or clean up
+        os.kill(second["pid"], signal.SIGKILL)  # no chance to save or clean up
         assert sweep.wait(timeout=900) == 0, stderr.read_text()[-4000:]
     finally:
         if sweep.poll() is None:
@@ -136,7 +178,7 @@ def test_demo_sweep_resumes_a_killed_worker_and_writes_results(cluster: str, env
 
     # The two models ran side by side, and each used 2 FSDP workers.
     assert output.index("demo_small/teacher: started") < output.index("demo_tiny/teacher: completed")
-    assert "2 workers per run (CPU), strategy=fsdp" in output
+    assert "2 workers per run (CPU, SPREAD), strategy=fsdp, 2 node(s)" in output
     for model in ("demo_tiny", "demo_small"):
         config = yaml.safe_load((root / model / "s2_align_features" / "config.yaml").read_text())
         assert config["strategy"]["name"] == "fsdp"

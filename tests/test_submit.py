@@ -1,5 +1,6 @@
-"""``launchers/submit.py`` on a real one-node SLURM cluster: the demo pipeline with its Stage-3 fan-out, the job
-dependencies as SLURM shows them, the status command, and bad input refused before anything is submitted."""
+"""``launchers/submit.py`` on a real SLURM cluster: the demo pipeline with its Stage-3 fan-out, every job on two
+nodes, the job dependencies as SLURM shows them, the status command, and bad input refused before anything is
+submitted."""
 from __future__ import annotations
 
 import json
@@ -17,6 +18,7 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 SUBMIT = str(REPO / "launchers" / "submit.py")
 RESOURCES = ["--gpus-per-node", "2", "--cpus-per-task", "1", "--mem-gb", "4"]
+TWO_NODES = ["--nodes", "2", "--gpus-per-node", "1", "--cpus-per-task", "1", "--mem-gb", "2"]  # one rank per node
 TINY_DEMO = [
     "demo.pretrain_samples=256", "demo.finetune_samples=128", "demo.val_samples=64", "demo.samples_per_shard=16",
     "demo.teacher_steps=20", "demo.align_attention_steps=10", "demo.align_features_steps=10",
@@ -40,11 +42,14 @@ def queued() -> set[str]:
     return set(subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, check=True).stdout.split())
 
 
-def test_demo_pipeline_fans_out_stage3_after_stage2(tmp_path) -> None:
+def test_demo_pipeline_on_two_nodes_fans_out_stage3_after_stage2(tmp_path) -> None:
+    require_cluster(nodes=2)
     root = tmp_path / "pipeline"
-    out = submit(tmp_path, "--demo", "--models", "demo_tiny", "--root", str(root), *RESOURCES, *TINY_DEMO)
+    out = submit(tmp_path, "--demo", "--models", "demo_tiny", "--root", str(root), *TWO_NODES, *TINY_DEMO)
     assert out.returncode == 0, out.stderr[-3000:]
-    jobs = {job["name"]: job for job in json.loads((root / "pipeline.json").read_text())["jobs"]}
+    record = json.loads((root / "pipeline.json").read_text())
+    assert record["resources"].startswith("2 node(s) x 1 rank(s)")
+    jobs = {job["name"]: job for job in record["jobs"]}
     assert list(jobs) == ["demo_tiny/teacher", "demo_tiny/s1", "demo_tiny/s2", "demo_tiny/cls", "demo_tiny/seg"]
     ids = {name: job["id"] for name, job in jobs.items()}
 
@@ -60,7 +65,7 @@ def test_demo_pipeline_fans_out_stage3_after_stage2(tmp_path) -> None:
 
     for name in jobs:
         info = wait_done(ids[name], timeout=400)
-        assert info["JobState"] == "COMPLETED", (name, info)
+        assert info["JobState"] == "COMPLETED" and info["NumNodes"] == "2", (name, info)
     for task, metric in (("cls", "top1"), ("seg", "miou")):
         run_dir = Path(jobs[f"demo_tiny/{task}"]["run_dir"])
         assert (run_dir / "export" / "model.safetensors").is_file()

@@ -48,6 +48,9 @@ def parser(command: str = COMMAND) -> argparse.ArgumentParser:
     p.add_argument("--root", default="runs/sweep", help="run directories, Ray's storage and the results (%(default)s)")
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers per stage run (%(default)s)")
     p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs each worker reserves (%(default)s)")
+    p.add_argument("--placement", choices=("PACK", "SPREAD"), default="PACK",
+                   help="where a run's workers go: PACK fills as few nodes as possible, SPREAD puts them on as many "
+                        "nodes as it can (%(default)s)")
     p.add_argument("--strategy", choices=("fsdp", "deepspeed"), default="fsdp", help="(%(default)s)")
     p.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None,
                    help="one GPU per worker (default: when the cluster has GPUs)")
@@ -82,18 +85,20 @@ def plan_sweep(args: argparse.Namespace, overrides: list[str]) -> list[Job]:
 
 def sweep(args: argparse.Namespace, jobs: list[Job]) -> bool:
     """Run every model's pipeline on the cluster, write and print the results; True when all completed."""
-    from adala.launch.ray_train import Workers, check_capacity, cluster_has_gpus, connect, run_job, run_models
+    from adala.launch.ray_train import (Workers, alive_nodes, check_capacity, cluster_has_gpus, connect, run_job,
+                                        run_models)
     from adala.launch.results import collect, markdown_table, write_results
 
     root = Path(args.root).resolve()
     with connect(args.address) as cluster:
         use_gpu = cluster_has_gpus(cluster) if args.gpu is None else args.gpu
-        workers = Workers(args.workers, use_gpu=use_gpu, cpus_per_worker=args.cpus_per_worker)
+        workers = Workers(args.workers, use_gpu=use_gpu, cpus_per_worker=args.cpus_per_worker,
+                          placement=args.placement)
         check_capacity(workers, cluster)
         models = len({j.model for j in jobs})
         parallel = args.parallel or max(1, min(models, workers.runs_that_fit(cluster)))
         say(f"{models} model(s), {parallel} at a time; {workers.count} workers per run "
-            f"({'GPU' if use_gpu else 'CPU'}), strategy={args.strategy}")
+            f"({'GPU' if use_gpu else 'CPU'}, {args.placement}), strategy={args.strategy}, {alive_nodes()} node(s)")
         runner = partial(run_job, workers=workers, storage=root / "ray", max_failures=args.max_failures)
         outcomes = run_models(jobs, runner, parallel=parallel, report=say)
     results = collect(jobs, {model: outcome.status for model, outcome in outcomes.items()})

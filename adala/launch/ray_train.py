@@ -32,6 +32,7 @@ class Workers:
     count: int
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    placement: str = "PACK"  # Ray's placement strategy for a run's workers: PACK or SPREAD
 
     @property
     def per_worker(self) -> dict[str, float]:
@@ -114,6 +115,13 @@ def cluster_has_gpus(cluster: dict[str, float]) -> bool:
     return cluster.get("GPU", 0.0) > 0
 
 
+def alive_nodes() -> int:
+    """How many nodes the connected Ray cluster has up."""
+    import ray
+
+    return sum(1 for node in ray.nodes() if node["Alive"])
+
+
 def run_job(job: Job, workers: Workers, *, storage: Path, max_failures: int) -> None:
     """Train one job as a ``TorchTrainer`` run; raises when it still fails after ``max_failures`` restarts."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -124,7 +132,7 @@ def run_job(job: Job, workers: Workers, *, storage: Path, max_failures: int) -> 
         train_worker,
         train_loop_config={"overrides": overrides, "cwd": os.getcwd()},
         scaling_config=ScalingConfig(num_workers=workers.count, use_gpu=workers.use_gpu,
-                                     resources_per_worker=workers.per_worker),
+                                     resources_per_worker=workers.per_worker, placement_strategy=workers.placement),
         run_config=RunConfig(name=f"{job.model}-{job.step}", storage_path=str(storage),
                              failure_config=FailureConfig(max_failures=max_failures)),
     )

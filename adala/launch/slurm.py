@@ -58,6 +58,17 @@ def job_state(job_id: str) -> dict[str, str]:
     return dict(field.split("=", 1) for field in out.stdout.split() if "=" in field)
 
 
+def node_address(name: str) -> str:
+    """The address the other nodes of a job reach node ``name`` at: its ``NodeAddr`` in ``scontrol show node``.
+
+    A node's name need not resolve (several nodes on one machine, clusters that name nodes apart from their
+    hosts); its NodeAddr is what slurmctld itself connects to. Where SLURM does not report one, the name.
+    """
+    out = subprocess.run(["scontrol", "show", "node", "-o", name], capture_output=True, text=True)
+    fields = dict(field.split("=", 1) for field in out.stdout.split() if "=" in field) if out.returncode == 0 else {}
+    return fields.get("NodeAddr") or name
+
+
 def _gpus(gres: str) -> int:
     counts = [int(n) for n in re.findall(r"gpu(?::[^:,(]+)?:(\d+)", gres)]
     return max(counts, default=0)

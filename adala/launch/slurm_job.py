@@ -2,8 +2,10 @@
 
 1. Validate the stage's config for this job's world size; bad input ends the job with exit code 2 before any
    process starts.
-2. ``srun`` one ``torchrun`` per node, with a c10d rendezvous on the first node, running ``python -m adala
-   stage=... resume=auto <overrides>``; a requeued job therefore continues from its latest complete checkpoint.
+2. ``srun`` one ``torchrun`` per node, with a c10d rendezvous at the first node's address (its ``NodeAddr``; node
+   names need not resolve), running ``python -m adala stage=... resume=auto <overrides>`` (``ADALA_ENTRY``: a
+   Python file of your own to run instead, one that calls ``adala.run.run_stage``, e.g. with a data stream of
+   yours); a requeued job therefore continues from its latest complete checkpoint.
 3. The time-limit warning (``#SBATCH --signal=B:USR2@...``, sent to this process only) is forwarded to every
    rank, which saves at the next step boundary and exits; the job then requeues itself. SIGTERM (``scontrol
    requeue``, preemption, ``scancel``) reaches the ranks from SLURM directly and SLURM decides what follows, so
@@ -20,6 +22,7 @@ from types import FrameType
 from typing import Optional, Sequence
 
 from adala.errors import UserError
+from adala.launch.slurm import node_address
 from adala.logs import configure_logging
 
 log = logging.getLogger("adala.slurm")
@@ -38,7 +41,19 @@ def first_node(nodelist: str) -> str:
     return out.stdout.split()[0]
 
 
-def torchrun_command(args: Sequence[str], *, nodes: int, procs_per_node: int, head: str, job_id: str) -> list[str]:
+def entry() -> list[str]:
+    """What every rank runs: ``-m adala``, or the Python file ``ADALA_ENTRY`` names."""
+    script = os.environ.get("ADALA_ENTRY")
+    if not script:
+        return ["-m", "adala"]
+    if not os.path.isfile(script):
+        raise UserError(f"ADALA_ENTRY={script}: no such file; name a Python file that calls adala.run.run_stage, "
+                        "or unset ADALA_ENTRY to run python -m adala")
+    return [os.path.abspath(script)]
+
+
+def torchrun_command(program: Sequence[str], args: Sequence[str], *, nodes: int, procs_per_node: int, head: str,
+                     job_id: str) -> list[str]:
     return [
         "srun", f"--nodes={nodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
         sys.executable, "-m", "torch.distributed.run",
@@ -47,7 +62,7 @@ def torchrun_command(args: Sequence[str], *, nodes: int, procs_per_node: int, he
         f"--signals-to-handle={TORCHRUN_SIGNALS}",
         # Let the ranks finish their preemption checkpoint; SLURM's KillWait still bounds it.
         f"--shutdown-timeout={os.environ.get('ADALA_SHUTDOWN_TIMEOUT', '600')}",
-        "-m", "adala", *args,
+        *program, *args,
     ]
 
 
@@ -93,13 +108,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from adala.run import validate
 
         cfg = validate(compose(run_args), world_size=nodes * procs_per_node)
+        program = entry()
     except UserError as err:
         print(f"adala: error: {err}", file=sys.stderr)
         return 2
-    log.info("job %s (restart %s): %s on %d node(s) x %d process(es), run_dir %s", job_id,
-             os.environ.get("SLURM_RESTART_COUNT", "0"), stage, nodes, procs_per_node, cfg.run_dir)
-    head = first_node(os.environ["SLURM_JOB_NODELIST"])
-    command = torchrun_command(run_args, nodes=nodes, procs_per_node=procs_per_node, head=head, job_id=job_id)
+    head = node_address(first_node(os.environ["SLURM_JOB_NODELIST"]))
+    log.info("job %s (restart %s): %s on %d node(s) x %d process(es), rendezvous at %s:%d, run_dir %s", job_id,
+             os.environ.get("SLURM_RESTART_COUNT", "0"), stage, nodes, procs_per_node, head, rendezvous_port(job_id),
+             cfg.run_dir)
+    command = torchrun_command(program, run_args, nodes=nodes, procs_per_node=procs_per_node, head=head, job_id=job_id)
     code = 0 if forwarder.requeue else subprocess.Popen(command).wait()  # a warning may come before the ranks start
     if forwarder.requeue:
         subprocess.run(["scontrol", "requeue", job_id], check=True)

@@ -12,6 +12,7 @@ import signal
 from typing import Any, Sequence
 
 from adala.engine.preemption import REQUEUE_EXIT_CODE, Preempted
+from adala.launch.slurm import node_address
 from adala.launch.slurm_job import rendezvous_port
 
 
@@ -30,7 +31,7 @@ class StageJob:
         env = submitit.JobEnvironment()
         os.environ.update(
             RANK=str(env.global_rank), LOCAL_RANK=str(env.local_rank), WORLD_SIZE=str(env.num_tasks),
-            LOCAL_WORLD_SIZE=str(env.num_tasks // env.num_nodes), MASTER_ADDR=env.hostnames[0],
+            LOCAL_WORLD_SIZE=str(env.num_tasks // env.num_nodes), MASTER_ADDR=node_address(env.hostnames[0]),
             MASTER_PORT=str(rendezvous_port(str(env.job_id))),
         )
         try:
