@@ -1,9 +1,14 @@
-"""Softmax attention (``F.scaled_dot_product_attention``) vs ``adala.attention.linear_attention``.
+"""Softmax attention (``F.scaled_dot_product_attention``) vs the token mixing of adala's attention plugs.
 
 Measures forward+backward wall time and peak memory over a range of token counts and writes
 ``<out>/attention-<device>.json`` and ``.md``. Run from the repository root::
 
-    python -m bench.attention [--tokens 256 1024] [--heads 12] [--head-dim 64] [--repeats 10] [--dtype float32]
+    python -m bench.attention [--attentions softmax linear performer] [--tokens 256 1024] [--heads 12]
+        [--head-dim 64] [--repeats 10] [--dtype float32]
+
+A plug is timed through its ``mix(q, k, v)`` (``linear``: :func:`adala.attention.linear_attention`, kernel elu1),
+built with its default settings for ``--heads`` × ``--head-dim`` and told that the N tokens are patches on the
+grid closest to a square. A plug that fails at some N (e.g. one tied to a fixed token count) is recorded as such.
 
 Each (method, tokens) case is measured in two fresh subprocesses, one for memory and one for time, so no case's
 allocations hide or inflate another's peak. Peak memory is what one forward+backward adds on top of its inputs
@@ -27,6 +32,7 @@ import argparse
 import datetime
 import functools
 import json
+import math
 import os
 import platform
 import statistics
@@ -39,15 +45,12 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from adala.attention import linear_attention
+from adala.attention import PLUGS, get_plug, linear_attention
 from adala.eval.efficiency import device_name, proc_status_bytes
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TOKENS = [256, 512, 1024, 2048, 4096, 8192, 16384]
-METHODS: dict[str, Callable[..., torch.Tensor]] = {
-    "softmax": F.scaled_dot_product_attention,
-    "linear": linear_attention,
-}
+METHODS = ["softmax", *sorted(PLUGS)]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MEMORY_METHOD = {
     "cpu": "resident-set high-water mark (VmHWM, reset via /proc/self/clear_refs) minus resident set before the "
@@ -59,6 +62,8 @@ TIMING_METHOD = {"cpu": "time.perf_counter", "cuda": "CUDA events"}
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--attentions", nargs="+", choices=METHODS, default=["softmax", "linear"],
+                        help="softmax (SDPA) and/or plugs of adala.attention; ratios are against the first")
     parser.add_argument("--tokens", type=int, nargs="+", default=DEFAULT_TOKENS)
     parser.add_argument("--heads", type=int, default=12)
     parser.add_argument("--head-dim", type=int, default=64)
@@ -76,6 +81,24 @@ def repeats_for(tokens: int, repeats: int) -> int:
 
 
 # ---------------------------------------------------------------- worker: one method at one token count
+
+
+def _grid(tokens: int) -> tuple[int, int]:
+    """The rows × columns closest to a square with ``tokens`` cells."""
+    rows = max(r for r in range(1, math.isqrt(tokens) + 1) if tokens % r == 0)
+    return rows, tokens // rows
+
+
+def mixer(method: str, tokens: int, args: argparse.Namespace) -> Callable[..., torch.Tensor]:
+    """The function of (q, k, v) that ``method`` computes for ``tokens`` tokens."""
+    if method == "softmax":
+        return F.scaled_dot_product_attention
+    if method == "linear":
+        return linear_attention
+    with torch.device(args.device):
+        plug = get_plug(method)(args.heads * args.head_dim, args.heads, head_dim=args.head_dim, dtype=DTYPES[args.dtype])
+    plug.set_token_layout(0, _grid(tokens))
+    return plug.mix
 
 
 def _forward_backward(fn: Callable[..., torch.Tensor], q, k, v, cotangent) -> None:
@@ -122,9 +145,8 @@ def _inputs(tokens: int, args: argparse.Namespace) -> list[torch.Tensor]:
 
 def worker(method: str, tokens: int, measure: str, args: argparse.Namespace) -> dict:
     """The peak memory of one forward+backward, or the median time of the repeats after a warm-up."""
-    fn = METHODS[method]
-    _forward_backward(fn, *_inputs(16, args))  # load kernels, start thread pools: not part of the peak
-    run = functools.partial(_forward_backward, fn, *_inputs(tokens, args))
+    _forward_backward(mixer(method, 16, args), *_inputs(16, args))  # load kernels, start thread pools: not in the peak
+    run = functools.partial(_forward_backward, mixer(method, tokens, args), *_inputs(tokens, args))
     if measure == "memory":
         return {"peak_mb": _peak_mb(args.device, run)}
     run()
@@ -144,12 +166,16 @@ def run_worker(method: str, tokens: int, measure: str, args: argparse.Namespace)
     env = dict(os.environ)
     if measure == "memory" and args.device == "cpu":
         env["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, check=True)
+    done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
+        return {"failed": last[:200]}
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def run_case(method: str, tokens: int, args: argparse.Namespace) -> dict:
-    return {**run_worker(method, tokens, "memory", args), **run_worker(method, tokens, "time", args)}
+    memory = run_worker(method, tokens, "memory", args)
+    return memory if "failed" in memory else {**memory, **run_worker(method, tokens, "time", args)}
 
 
 def header(args: argparse.Namespace) -> dict:
@@ -164,6 +190,7 @@ def header(args: argparse.Namespace) -> dict:
             "heads": args.heads,
             "head_dim": args.head_dim,
             "dtype": args.dtype,
+            "attentions": args.attentions,
             "linear_kernel": "elu1",
             "repeats": {str(n): repeats_for(n, args.repeats) for n in args.tokens},
             "cpu_threads": torch.get_num_threads(),
@@ -175,40 +202,40 @@ def header(args: argparse.Namespace) -> dict:
 
 
 def compare(tokens: int, args: argparse.Namespace) -> dict:
-    softmax, linear = (run_case(method, tokens, args) for method in ("softmax", "linear"))
-    row = {
-        "tokens": tokens,
-        "softmax_ms": softmax["ms"],
-        "linear_ms": linear["ms"],
-        "softmax_min_ms": softmax["min_ms"],
-        "linear_min_ms": linear["min_ms"],
-        "speedup": softmax["ms"] / linear["ms"],
-        "softmax_peak_mb": softmax["peak_mb"],
-        "linear_peak_mb": linear["peak_mb"],
-        "memory_ratio": softmax["peak_mb"] / linear["peak_mb"],
-        "repeats": softmax["repeats"],
-    }
-    print(markdown_row(row), flush=True)
+    """Every attention at ``tokens`` tokens, with time and memory ratios against the first (``--attentions``)."""
+    cases = {method: run_case(method, tokens, args) for method in args.attentions}
+    base = cases[args.attentions[0]]
+    for case in cases.values():
+        if "failed" not in case and "failed" not in base:
+            case["speed_ratio"] = base["ms"] / case["ms"]
+            case["memory_ratio"] = base["peak_mb"] / case["peak_mb"]
+    row = {"tokens": tokens, "attentions": cases}
+    print(*markdown_rows(row), sep="\n", flush=True)
     return row
 
 
-def markdown_row(row: dict) -> str:
-    return (
-        f"| {row['tokens']} | {row['softmax_ms']:.1f} | {row['linear_ms']:.1f} | {row['speedup']:.2f}× | "
-        f"{row['softmax_peak_mb']:.1f} | {row['linear_peak_mb']:.1f} | {row['memory_ratio']:.2f}× |"
-    )
+def markdown_rows(row: dict) -> list[str]:
+    lines = []
+    for method, case in row["attentions"].items():
+        if "failed" in case:
+            lines.append(f"| {row['tokens']} | {method} | failed: {case['failed']} | | | | |")
+        else:
+            ratios = (f"{case['speed_ratio']:.2f}× | {case['memory_ratio']:.2f}×" if "speed_ratio" in case
+                      else "– | –")
+            lines.append(f"| {row['tokens']} | {method} | {case['ms']:.1f} | {case['peak_mb']:.1f} | {ratios} | "
+                         f"{case['repeats']} |")
+    return lines
 
 
-TABLE_HEAD = (
-    "| N | softmax ms | linear ms | speed ratio (softmax/linear) | softmax peak MB | linear peak MB | "
-    "memory ratio (softmax/linear) |\n|---:|---:|---:|---:|---:|---:|---:|"
-)
+def table_head(base: str) -> str:
+    return (f"| N | attention | ms | peak MB | speed ratio ({base}/it) | memory ratio ({base}/it) | repeats |\n"
+            "|---:|---|---:|---:|---:|---:|---:|")
 
 
 def markdown(report: dict) -> str:
     s = report["settings"]
     lines = [
-        f"# Attention benchmark: softmax (SDPA) vs linear ({s['linear_kernel']})",
+        f"# Attention benchmark: {', '.join(s['attentions'])} (softmax: SDPA; linear: kernel {s['linear_kernel']})",
         "",
         f"- device: {report['device']} ({report['device_type']}, {s['cpu_threads']} CPU threads; 1-minute load "
         f"average {report['load_average']['start']} at start, {report['load_average']['end']} at end)",
@@ -218,8 +245,8 @@ def markdown(report: dict) -> str:
         f"- timing: {report['timing']}",
         f"- peak memory: {report['peak_memory']}",
         "",
-        TABLE_HEAD,
-        *(markdown_row(row) for row in report["results"]),
+        table_head(s["attentions"][0]),
+        *(line for row in report["results"] for line in markdown_rows(row)),
     ]
     return "\n".join(lines) + "\n"
 
@@ -231,7 +258,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     report = header(args)
     load_at_start = round(os.getloadavg()[0], 2)
-    print(TABLE_HEAD, flush=True)
+    print(table_head(args.attentions[0]), flush=True)
     report["results"] = [compare(n, args) for n in args.tokens]
     report["load_average"] = {"start": load_at_start, "end": round(os.getloadavg()[0], 2)}
     args.out.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,9 @@
-"""Inference efficiency of softmax ViTs vs their linearized versions: the paper's efficiency tables on our code.
+"""Inference efficiency of softmax ViTs vs their converted versions: the paper's efficiency tables on our code.
 
 For every model × resolution × dtype × mode (eager / torch.compile) × attention (softmax: timm's ViT with SDPA;
-linear: the same model through ``adala.models.linearize``, whose LinearAttention takes the Triton fast path on
-CUDA), with random weights (``pretrained=False``, nothing is downloaded): parameters, FLOPs per image (attention
+any plug of :mod:`adala.attention`, e.g. linear, performer, nystrom: the same model through
+``adala.models.linearize`` with the plug's default settings; linear takes the Triton fast path on CUDA and
+``--kernel``), with random weights (``pretrained=False``, nothing is downloaded): parameters, FLOPs per image (attention
 matmuls included, plus the fvcore-style count the paper's tables use), peak memory at batch 1, throughput at
 batch 1 and at the best batch size, each with achieved TFLOP/s and MFU. Definitions: :mod:`adala.eval.efficiency`.
 Writes ``<out>/efficiency-<device>.{json,md,png}``. From the repository root, on an H100::
@@ -35,7 +36,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from adala.errors import UserError, require_extra
+from adala.attention import PLUGS
 from adala.eval.efficiency import DTYPES, count_flops, default_peak_tflops, describe, device_name, measure
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -64,7 +65,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--sizes", type=int, nargs="+", default=[224, 512, 1024, 2048])
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["float32", "bfloat16"])
     parser.add_argument("--modes", nargs="+", choices=["eager", "compiled"], default=["eager", "compiled"])
-    parser.add_argument("--attentions", nargs="+", choices=["softmax", "linear"], default=["softmax", "linear"])
+    parser.add_argument("--attentions", nargs="+", choices=["softmax", *sorted(PLUGS)], default=["softmax", "linear"],
+                        help="softmax and/or plugs of adala.attention (each with its default settings)")
     parser.add_argument("--kernel", default="elu1", help="linear-attention kernel")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--peak-tflops", nargs="+", default=[], metavar="[DTYPE=]TFLOPS",
@@ -103,7 +105,9 @@ def builder(model: str, size: int, attention: str, kernel: str) -> tuple[Callabl
 
     def build() -> torch.nn.Module:
         vit = timm.create_model(timm_id, pretrained=False, img_size=px, num_classes=0)
-        return linearize(vit, kernel=kernel) if attention == "linear" else vit
+        if attention == "softmax":
+            return vit
+        return linearize(vit, attention, **({"kernel": kernel} if attention == "linear" else {}))
 
     return build, px
 
@@ -160,17 +164,17 @@ def table_row(r: dict[str, Any]) -> str:
 
 
 def _pairs(results: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-    """(softmax, linear) results of the same model, size, dtype and mode, both measured."""
+    """(softmax, plug) results of the same model, size, dtype and mode, both measured, for every plug."""
     key = lambda r: (r["model"], r["size"], r["dtype"], r["mode"])  # noqa: E731
-    linear = {key(r): r for r in results if r["attention"] == "linear" and r.get("batch1")}
-    return [(r, linear[key(r)]) for r in results if r["attention"] == "softmax" and r.get("batch1") and key(r) in linear]
+    softmax = {key(r): r for r in results if r["attention"] == "softmax" and r.get("batch1")}
+    return [(softmax[key(r)], r) for r in results if r["attention"] != "softmax" and r.get("batch1") and key(r) in softmax]
 
 
 def ratio_rows(results: list[dict[str, Any]]) -> list[str]:
     rows = []
     for soft, lin in _pairs(results):
         rows.append(
-            f"| {soft['model']} | {soft['size']} | {soft['dtype']} | {soft['mode']} | "
+            f"| {soft['model']} | {soft['size']} | {soft['dtype']} | {soft['mode']} | {lin['attention']} | "
             f"{soft['flops']['total'] / lin['flops']['total']:.2f}× | "
             f"{lin['batch1']['images_per_s'] / soft['batch1']['images_per_s']:.2f}× | "
             f"{lin['best']['images_per_s'] / soft['best']['images_per_s']:.2f}× | "
@@ -197,7 +201,7 @@ def paper_rows(results: list[dict[str, Any]]) -> list[str]:
 def markdown(report: dict[str, Any]) -> str:
     results = report["results"]
     lines = [
-        "# Inference efficiency: softmax (timm ViT, SDPA) vs linear attention (adala linearize)",
+        "# Inference efficiency: softmax (timm ViT, SDPA) vs adala's attention plugs (adala linearize)",
         "",
         f"- device: {report['device']} ({report['device_type']}, {report['cpu_threads']} CPU threads; 1-minute load "
         f"average {report['load_average']['start']} at start, {report['load_average']['end']} at end)",
@@ -215,9 +219,9 @@ def markdown(report: dict[str, Any]) -> str:
     lines += ["", TABLE_HEAD, *(table_row(r) for r in results), ""]
     ratios = ratio_rows(results)
     if ratios:
-        lines += ["## Linear vs softmax", "",
-                  "| model | size | dtype | mode | FLOP ratio (softmax/linear) | speed-up @1 | speed-up @best | "
-                  "memory ratio @1 (softmax/linear) |", "|---|---:|---|---|---:|---:|---:|---:|", *ratios, ""]
+        lines += ["## Each attention vs softmax", "",
+                  "| model | size | dtype | mode | attention | FLOP ratio (softmax/it) | speed-up @1 | speed-up @best | "
+                  "memory ratio @1 (softmax/it) |", "|---|---:|---|---|---|---:|---:|---:|---:|", *ratios, ""]
     lines += ["## The paper's numbers (DINOv2-L, one H100, batch 1, fp32)", "", PAPER_FLOPS_NOTE, ""]
     paper = paper_rows(results)
     if paper:
@@ -242,8 +246,10 @@ def plot(report: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(2, max(1, len(variants)), figsize=(5 * max(1, len(variants)), 8), squeeze=False)
     for column, (dtype, mode) in enumerate(variants):
         throughput, memory = axes[0][column], axes[1][column]
+        attentions = list(dict.fromkeys(r["attention"] for r in measured))
         for model in dict.fromkeys(r["model"] for r in measured):
-            for attention, style in (("softmax", "o--"), ("linear", "s-")):
+            for attention in attentions:
+                style = "o--" if attention == "softmax" else "s^vD<>ph*x"[attentions.index(attention) % 10] + "-"
                 points = sorted((r["tokens"], r["batch1"]["images_per_s"], r["peak_gb_batch1"]) for r in measured
                                 if (r["model"], r["attention"], r["dtype"], r["mode"]) == (model, attention, dtype, mode))
                 if points:
@@ -326,11 +332,6 @@ def main(argv: Optional[list[str]] = None) -> None:
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
-    try:
-        require_extra("matplotlib", "the plot of python -m bench.efficiency")
-    except UserError as err:
-        print(f"bench.efficiency: error: {err}", file=sys.stderr)
-        sys.exit(2)
     report = header(args, argv)
     load_at_start = round(os.getloadavg()[0], 2)
     results: list[dict[str, Any]] = []

@@ -5,10 +5,10 @@ Accepted files: timm checkpoints (``.pth``/``.pt``/``.bin``, optionally under ``
 (converted by timm's ``checkpoint_filter_fn``) and big_vision ``.npz`` files (SigLIP, AugReg; timm's loader).
 Position and patch embeddings are resampled when the file was trained at another resolution.
 
-A file whose blocks carry linear-attention entries (``attn.linear_config``, written by
-:class:`~adala.attention.LinearAttention`) linearizes the model's softmax blocks before it loads; a linear model
-takes files without them too (softmax weights, or exports written before the entry existed, whose metadata name
-the attention).
+A file whose blocks carry a plug's config entry (``attn.plug_config``, or ``attn.linear_config`` of
+:class:`~adala.attention.LinearAttention`) puts that plug, with its stored settings, into those softmax blocks
+before it loads; a linear model takes files without the entry too (softmax weights, or exports written before the
+entry existed, whose metadata name the attention).
 """
 from __future__ import annotations
 
@@ -24,14 +24,17 @@ from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import nn
 
-from adala.attention import LinearAttention
-from adala.attention.module import CONFIG_BUFFER, decode_config
+from adala.attention import AttentionPlug, LinearAttention, get_plug
+from adala.attention.module import decode_config
+from adala.attention.plug import PLUG_BUFFER, decode_json
 from adala.errors import UserError
+from adala.models.linearize import convert_block, track_token_layout
 
 METADATA_KEY = "adala"
 # Task heads that may sit in a file and are not part of the backbone (Stage-3 exports).
 TASK_HEAD_PREFIXES = ("head.", "seg_head.")
 EXPORT_FORMAT = 1
+CONFIG_ENTRIES = (f".attn.{PLUG_BUFFER}", f".attn.{LinearAttention.config_buffer}")
 
 
 def require_file(path: str | os.PathLike) -> Path:
@@ -97,7 +100,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike, *, model_name: str =
     }
     wrong_shape = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     missing = [k for k in own if k not in state and not k.startswith(TASK_HEAD_PREFIXES)
-               and not k.endswith(f".attn.{CONFIG_BUFFER}")]  # kept as built: see the module docstring
+               and not k.endswith(CONFIG_ENTRIES)]  # kept as built: see the module docstring
     unexpected = [k for k in state if k not in own]
     if wrong_shape or missing or unexpected:
         raise UserError(
@@ -113,16 +116,31 @@ def load_weights(model: nn.Module, path: str | os.PathLike, *, model_name: str =
 
 
 def _linearize_as_stored(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path) -> None:
-    """Turn the softmax blocks whose attention ``state`` stores as linear into LinearAttention of its kernel."""
+    """Put into each softmax block the plug (and settings) that ``state`` stores for it."""
+    converted = False
     for index, block in enumerate(getattr(model, "blocks", ())):
-        stored = state.get(f"blocks.{index}.attn.{CONFIG_BUFFER}")
-        if stored is None or isinstance(block.attn, LinearAttention):
+        if isinstance(block.attn, AttentionPlug):
             continue
-        try:
-            config = decode_config(stored)
-        except ValueError as err:
-            raise UserError(f"weights {path}: blocks.{index}.attn.{CONFIG_BUFFER}: {err}") from None
-        block.attn = LinearAttention.from_softmax(block.attn, kernel=config["kernel"], eps=config["eps"])
+        for entry in CONFIG_ENTRIES:
+            stored = state.get(f"blocks.{index}{entry}")
+            if stored is not None:
+                try:
+                    plug, settings = _stored_plug(stored, entry)
+                    convert_block(model, index, plug, settings)
+                except ValueError as err:
+                    raise UserError(f"weights {path}: blocks.{index}{entry}: {err}") from None
+                converted = True
+    if converted:
+        track_token_layout(model)
+
+
+def _stored_plug(stored: torch.Tensor, entry: str) -> tuple[type[AttentionPlug], dict[str, Any]]:
+    if entry.endswith(LinearAttention.config_buffer):
+        return LinearAttention, decode_config(stored)
+    config = decode_json(stored)
+    plug = get_plug(str(config.pop("name", None)))
+    config.pop("num_prefix_tokens", None)  # the model's own layout is set after conversion
+    return plug, plug.check_settings(config)
 
 
 def save_export(

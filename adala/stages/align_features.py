@@ -1,7 +1,8 @@
 """Stage 2, feature alignment (paper Eq. 4): L = α · MSE(F_teacher, F_student) on the final token features.
 
 The student is the linearized ViT (from the Stage-1 export, or the teacher's weights linearized directly) and
-trains in full; the teacher is the original softmax ViT, frozen, outside the trained model.
+trains in full (``stage.trainable=qkv``: only each block's Q/K/V projection, the paper's Table-9 ablation);
+the teacher is the original softmax ViT, frozen, outside the trained model.
 """
 from __future__ import annotations
 
@@ -14,12 +15,15 @@ from torch import nn
 
 from adala.engine.loop import Batch, StageParts, StepOutput
 from adala.models import build_vfm, model_spec, save_export
+from adala.models.lora import add_lora, merge_lora
 from adala.stages.common import (
     FrozenModule, all_parameters, export_metadata, frozen_teacher, start_weights, strip_prefix,
 )
 
 FIELDS = ("image",)
 STREAM = "resampled"  # how it reads its training data: see adala.data.pipeline
+# stage.trainable: which student parameters train (paper App. A.7 / Table 9: Q/K/V alone loses 3-10 points).
+TRAINABLE = ("all", "qkv")
 
 
 class FeatureTeacher(FrozenModule):
@@ -45,13 +49,19 @@ def build(cfg: Any, attention: dict[str, Any]) -> StageParts:
     student = build_vfm(model_spec(cfg.model), img_size=cfg.model.img_size, weights=start_weights(cfg),
                         attention=attention)
     alpha = cfg.stage.alpha if cfg.stage.alpha is not None else cfg.model.alpha
+    if cfg.stage.trainable == "qkv":
+        student.requires_grad_(False)  # the optimizer keeps the parameters that require gradients
+        for block in student.blocks:
+            block.attn.qkv.requires_grad_(True)
+    if cfg.stage.lora:  # LoLCATS' recipe: only low-rank adapters on qkv and proj train
+        add_lora(student, cfg.stage.lora, cfg.stage.lora_alpha)
 
     def export(state: dict[str, torch.Tensor], path: Path, **metadata: Any) -> Path:
-        return save_export(strip_prefix(state, "student."), path, export_metadata(cfg, student, **metadata))
+        return save_export(merge_lora(strip_prefix(state, "student.")), path, export_metadata(cfg, student, **metadata))
 
     return StageParts(
         model=FeatureAlignment(student, alpha),
-        param_groups=all_parameters("student"),
+        param_groups=all_parameters("qkv" if cfg.stage.trainable == "qkv" else "student"),
         export=export,
         teacher=FeatureTeacher(frozen_teacher(cfg.model)),
     )

@@ -1,4 +1,5 @@
-"""Stage 3, classification: a linear head on the (linearized) backbone; everything trains, backbone at lr × 0.1."""
+"""Stage 3, classification: a linear head on the (linearized) backbone; everything trains, backbone at lr × 0.1
+(``stage.lora=R``: only rank-R adapters on the attention projections and the head train)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,6 +12,7 @@ from torch import nn
 from adala.engine.loop import Batch, StageParts, StepOutput
 from adala.eval import Top1
 from adala.models import build_vfm, model_spec, save_export
+from adala.models.lora import add_lora, merge_lora
 from adala.stages.common import backbone_and_head_groups, export_metadata, start_weights, strip_prefix
 
 FIELDS = ("image", "label")
@@ -36,9 +38,13 @@ def build(cfg: Any, attention: dict[str, Any]) -> StageParts:
         attention=attention,
     )
 
+    if cfg.stage.lora:  # LoLCATS' recipe: low-rank adapters on qkv and proj and the new head train
+        add_lora(vit, cfg.stage.lora, cfg.stage.lora_alpha)
+        vit.head.requires_grad_(True)
+
     def export(state: dict[str, torch.Tensor], path: Path, **metadata: Any) -> Path:
         metadata = export_metadata(cfg, vit, num_classes=cfg.data.num_classes, **metadata)
-        return save_export(strip_prefix(state, "vit."), path, metadata)
+        return save_export(merge_lora(strip_prefix(state, "vit.")), path, metadata)
 
     return StageParts(
         model=Classifier(vit),
