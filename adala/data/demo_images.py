@@ -4,8 +4,9 @@ The class is the ordered pair (type of the left shape, type of the right shape):
 them apart needs both objects and their relative position, i.e. context across the whole image, which is
 what attention provides. Each shape type has its own hue (with jitter) on a grey, textured background, so
 recognising an object is easy and the relation between the two is what must be learnt. The segmentation
-mask needs the same context: it labels the left object's pixels with its type (1-4) and the right object's
-with its type + 4 (5-8); 0 is background.
+mask needs the same context: an object's pixels are labelled by the ordered pair (own type, the other
+object's type), 1 + ``class_of(own, other)`` (1-12), and 0 is background. A pixel's own surroundings tell
+its type only; which of its three classes it belongs to is written in the other shape, anywhere in the image.
 """
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ import numpy as np
 SHAPES = ("circle", "square", "triangle", "cross")
 HUES = np.array([[230, 40, 40], [40, 200, 40], [40, 80, 240], [230, 200, 30]], dtype=np.float32)
 NUM_CLASSES = len(SHAPES) * (len(SHAPES) - 1)
-NUM_SEG_CLASSES = 2 * len(SHAPES) + 1
-VERSION = 2  # bump when the images or labels change, so cached shards and teachers are rebuilt
+NUM_SEG_CLASSES = NUM_CLASSES + 1
+VERSION = 3  # bump when the images or labels change, so cached shards and teachers are rebuilt
 
 
 def class_of(left: int, right: int) -> int:
@@ -54,6 +55,6 @@ def render(rng: np.random.Generator, size: int = 32) -> tuple[np.ndarray, np.nda
         inside = _shape_mask(kinds[i], yy, xx, cy[i], cx[i], r[i])
         colour = HUES[kinds[i]] * rng.uniform(0.7, 1.1) + rng.uniform(-20, 20, 3)
         image[inside] = colour + rng.normal(0, 8, (int(inside.sum()), 3))
-        mask[inside] = kinds[i] + 1 + i * len(SHAPES)
+        mask[inside] = 1 + class_of(int(kinds[i]), int(kinds[1 - i]))
     label = class_of(int(kinds[0]), int(kinds[1]))
     return np.clip(image, 0, 255).astype(np.uint8), mask, label

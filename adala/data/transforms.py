@@ -9,30 +9,36 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from adala.data.seg_transforms import FitResize, RandomScaleCrop
 from adala.errors import UserError
 
-TRANSFORMS = ("plain", "align", "seg", "eval")
+TRANSFORMS = ("plain", "align", "seg", "eval", "seg_train", "seg_eval")
 EVAL_RESIZE_RATIO = 1.14  # resize the short side to 1.14 × the crop (256 for 224), then centre-crop
 ALIGN_SCALE = (0.25, 1.0)  # random resized crop: fraction of the image area kept
 COLOUR_JITTER = dict(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1)
+# mmseg's PhotoMetricDistortion ranges: brightness ±32/255 (here a factor), contrast and saturation 0.5-1.5, hue ±18°.
+SEG_JITTER = dict(brightness=0.125, contrast=0.5, saturation=0.5, hue=0.05)
 
 
 @dataclass(frozen=True)
 class Transform:
     """``plain``: resize to img_size²; ``align``: random resized crop + colour jitter (Stages 1-2);
     ``seg``: random resized crop + horizontal flip applied jointly to image and mask (segmentation training);
-    ``eval``: resize + centre crop."""
+    ``eval``: resize + centre crop; ``seg_train`` and ``seg_eval``: the segmentation protocol
+    (:mod:`adala.data.seg_transforms`) around ``scale`` (long, short side; default 4·img_size, img_size), with a
+    crop of img_size² and photometric jitter in training, whole images in evaluation."""
 
     name: str
     img_size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    scale: Optional[tuple[int, int]] = None
 
     def __post_init__(self) -> None:
         if self.name not in TRANSFORMS:
@@ -51,7 +57,7 @@ class Transform:
         return v2.functional.normalize(pixels, self.mean, self.std), target
 
     @cached_property
-    def _parts(self) -> tuple[v2.Transform, Optional[ColourJitter]]:
+    def _parts(self) -> tuple[Callable, Optional[ColourJitter]]:
         size = self.img_size
         if self.name == "plain":
             return v2.Resize((size, size), antialias=True), None
@@ -59,6 +65,11 @@ class Transform:
             return v2.RandomResizedCrop(size, scale=ALIGN_SCALE, antialias=True), ColourJitter(**COLOUR_JITTER)
         if self.name == "seg":
             return v2.Compose([v2.RandomResizedCrop(size, scale=ALIGN_SCALE, antialias=True), v2.RandomHorizontalFlip()]), None
+        scale = self.scale or (4 * size, size)
+        if self.name == "seg_train":
+            return RandomScaleCrop(scale, size), ColourJitter(**SEG_JITTER)
+        if self.name == "seg_eval":
+            return FitResize(scale), None
         return v2.Compose([v2.Resize(int(round(size * EVAL_RESIZE_RATIO)), antialias=True), v2.CenterCrop(size)]), None
 
 
@@ -112,5 +123,8 @@ def _uniform(low: float, high: float) -> float:
     return float(torch.empty(()).uniform_(low, high))
 
 
-def build_transform(name: str, *, img_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> Transform:
-    return Transform(name, int(img_size), tuple(mean), tuple(std))
+def build_transform(name: str, *, img_size: int, mean: tuple[float, ...], std: tuple[float, ...],
+                    scale: Optional[Sequence[int]] = None) -> Transform:
+    if scale is not None and (len(scale) != 2 or min(scale) <= 0):
+        raise UserError(f"data.scale must be [long, short] sides in pixels, got {list(scale)}")
+    return Transform(name, int(img_size), tuple(mean), tuple(std), tuple(int(side) for side in scale) if scale else None)

@@ -1,0 +1,102 @@
+"""Resolution scaling (adala.eval.resolution) on the demo's tiny ViT and a few demo images, on CPU. Timings are
+not asserted, only that they are measured and consistent with the sizes."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from adala.config import compose
+from adala.data.demo_data import ensure_demo_shards
+from adala.data.demo_images import NUM_SEG_CLASSES
+from adala.eval import resolution
+from adala.models import attention_config, build_vfm, save_export
+from adala.stages.seg_heads import LinearHead
+
+FAST = ["--min-time-s", "0.01"]
+
+
+def _seg_export(path: Path, attention: dict) -> Path:
+    """A demo_tiny segmentation export (random weights) as Stage 3 writes it: backbone and ``seg_head.*``."""
+    vit = build_vfm("demo_tiny", img_size=32, attention=attention)
+    head = LinearHead(vit.embed_dim, NUM_SEG_CLASSES, len(vit.blocks))
+    state = {**vit.state_dict(), **{f"seg_head.{key}": value for key, value in head.state_dict().items()}}
+    return save_export(state, path, {"model": "demo_tiny", "img_size": 32, "attention": attention_config(vit),
+                                     "num_seg_classes": NUM_SEG_CLASSES, "seg_head": "linear"})
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("resolution")
+    val = ensure_demo_shards(root / "shards", {"val": 6})["val"]
+    return {"export": str(_seg_export(root / "linear.safetensors", {"kind": "linear", "kernel": "elu1"})),
+            "teacher": str(_seg_export(root / "softmax.safetensors", {"kind": "softmax"})), "val": val}
+
+
+def test_table_and_plot_of_export_and_teacher(files: dict[str, str], tmp_path: Path) -> None:
+    argv = [files["export"], "--sizes", "64", "32", "--teacher", files["teacher"], "--val", files["val"],
+            "--data", "demo", "--out", str(tmp_path), *FAST]
+    assert resolution.main(argv) == 0
+    report = json.loads((tmp_path / "resolution-cpu.json").read_text())
+    rows = {(r["img_size"], r["role"]): r for r in report["rows"]}
+    assert list(rows) == [(32, "export"), (32, "teacher"), (64, "export"), (64, "teacher")]
+    assert [r["attention"] for r in report["rows"]] == ["linear", "softmax"] * 2
+    assert rows[32, "export"]["tokens"] == 8 * 8 + 1 and rows[64, "export"]["tokens"] == 16 * 16 + 1
+    growth = {role: rows[64, role]["gflops"] / rows[32, role]["gflops"] for role in ("export", "teacher")}
+    assert growth["teacher"] > growth["export"] > 1  # softmax attention's N² grows faster than linear attention's N
+    for row in report["rows"]:
+        assert row["images_per_s"] > 0 and row["peak_gb"] > 0 and 0 <= row["miou"] <= 1
+    table = (tmp_path / "resolution-cpu.md").read_text()
+    assert report["device"] in table and "| 64 | 257 | export | linear |" in table and "## Export vs teacher" in table
+    assert (tmp_path / "resolution-cpu.png").stat().st_size > 0
+
+
+def test_one_window_of_the_whole_image_scores_like_whole_images(files: dict[str, str]) -> None:
+    """The demo transform resizes to size², so a window of the size covers the image: the same prediction."""
+    data = resolution.data_config("demo", files["val"])
+    export = resolution.entries(resolution.parse_args([files["export"], "--sizes", "48"]))[0]
+    scores = [resolution.segmentation_miou(export, data, 48, whole=whole, device=resolution.torch.device("cpu"))
+              for whole in (False, True)]
+    assert scores[0] == pytest.approx(scores[1])
+
+
+def test_random_softmax_reference_without_a_teacher(files: dict[str, str], tmp_path: Path) -> None:
+    assert resolution.main([files["export"], "--sizes", "32", "--out", str(tmp_path), *FAST]) == 0
+    rows = json.loads((tmp_path / "resolution-cpu.json").read_text())["rows"]
+    assert [(r["role"], r["attention"], r["weights"], r["miou"]) for r in rows] == [
+        ("export", "linear", files["export"], None), ("teacher", "softmax", None, None)]
+
+
+def test_a_plain_weight_file_teacher_takes_the_exports_architecture(files: dict[str, str], tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "timm.safetensors"
+    save_file(build_vfm("demo_tiny").state_dict(), str(weights))  # no adala metadata
+    args = resolution.parse_args([files["export"], "--sizes", "32", "--teacher", str(weights)])
+    teacher = resolution.entries(args)[1]
+    assert (teacher.weights, teacher.meta["model"], teacher.segmenter) == (weights, "demo_tiny", False)
+
+
+def test_evaluation_resize_grows_with_the_size() -> None:
+    cityscapes = compose(["data=cityscapes"]).data  # scale [2048, 1024] around a 1024 crop
+    assert resolution.eval_scale(cityscapes, 512) == [1024, 512]
+    assert resolution.eval_scale(cityscapes, 2048) == [4096, 2048]
+    assert resolution.eval_scale(compose(["data=demo"]).data, 512) is None
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--val", "x.tar"], "needs a segmentation export"),
+    (["--teacher", "EXPORT"], "has linear attention"),
+    (["--teacher", "missing.safetensors"], "--teacher missing.safetensors not found"),
+    (["--batch", "0"], "must be positive"),
+])
+def test_bad_input_is_refused_before_work(tmp_path: Path, capsys: pytest.CaptureFixture, extra: list[str],
+                                          message: str) -> None:
+    vit = build_vfm("demo_tiny", attention={"kind": "linear", "kernel": "elu1"})
+    export = save_export(vit.state_dict(), tmp_path / "plain.safetensors",
+                         {"model": "demo_tiny", "img_size": 32, "attention": attention_config(vit)})
+    extra = [str(export) if word == "EXPORT" else word for word in extra]
+    assert resolution.main([str(export), "--sizes", "32", "--out", str(tmp_path), *extra]) == 2
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.glob("resolution-*"))
