@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch import nn
 
-from adala.attention import LinearAttention
+from adala.attention import AttentionPlug
 from adala.engine.memory import available_bytes
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -99,7 +99,7 @@ def count_flops(build: Callable[[], nn.Module], img_size: int) -> dict[str, floa
         if name.endswith(".attn"):
             attention += flops - per_module.get(f"{name}.qkv", 0) - per_module.get(f"{name}.proj", 0)
     total = counter.get_total_flops()
-    softmax = not all(isinstance(block.attn, LinearAttention) for block in model.blocks)
+    softmax = not all(isinstance(block.attn, AttentionPlug) for block in model.blocks)
     sdpa = sum(count for op, count in counter.get_flop_counts()["Global"].items() if _is_sdpa(str(op), softmax))
     return {"total": float(total), "attention": float(attention), "fvcore_style": float(total - sdpa) / 2}
 

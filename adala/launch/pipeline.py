@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
 
-from adala.config import Config, compose, override
+from adala.config import Config, compose, override, without_attention
 from adala.errors import UserError
 from adala.models import list_vfms
 from adala.run import EXPORT_NAME
@@ -124,13 +124,15 @@ def plan(
     demo: bool = False,
     ablation: bool = False,
     teacher: Optional[str | Path] = None,
+    variants: Optional[Mapping[str, Variant]] = None,
 ) -> list[Job]:
     """The jobs of every model's pipeline, each after the jobs it depends on (a valid order to run them in).
 
     With ``demo`` the data are the built-in demo's shards (written now, cached), the steps, batch sizes and
     learning rates are the demo's, and each pipeline starts with a job that trains the demo's softmax teacher,
     unless ``teacher`` names weights of one already trained. ``ablation`` adds Stage 2 without Stage 1 and the
-    Stage-3 tasks of every variant in :data:`VARIANTS`.
+    Stage-3 tasks of every variant in :data:`VARIANTS`;
+    ``variants`` names the Stage-3 variants instead (each starting from a step, the weights or random weights).
     """
     known_tasks = DEMO_TASKS if demo else TASKS
     tasks = list(tasks or (DEMO_TASKS if demo else DEFAULT_TASKS))
@@ -146,7 +148,8 @@ def plan(
         raise ValueError("teacher weights are the demo's; a pipeline's teacher is model.weights")
     common, scoped = split_scoped(overrides, models=models, steps=[*STEPS, *known_tasks])
     recipe = _demo_recipe(common) if demo else {"align_attention": [], "align_features": [], "finetune": []}
-    variants = VARIANTS if ablation else {MAIN_VARIANT: VARIANTS[MAIN_VARIANT]}
+    if variants is None:
+        variants = VARIANTS if ablation else {MAIN_VARIANT: VARIANTS[MAIN_VARIANT]}
     root = Path(root)
     jobs: list[Job] = []
     for model in models:
@@ -155,8 +158,11 @@ def plan(
                 task: Optional[str] = None, variant: Optional[str] = None, last: Sequence[str] = ()) -> Job:
             path = root / model / run_dir
             scopes = frozenset({model, scope, *(("s3", task) if task else ())})
+            user = [*common, *(o for needs, o in scoped if needs <= scopes)]
+            if "attention=softmax" in last:  # the user's plug and its settings do not apply to a softmax variant
+                user = without_attention(user)
             job_overrides = [f"stage={stage}", f"model={model}", override("run_dir", path), "resume=auto", *extra,
-                             *common, *(o for needs, o in scoped if needs <= scopes), *last]
+                             *user, *last]
             created = Job(model=model, step=step, stage=stage, run_dir=path, overrides=job_overrides, after=after,
                           task=task, variant=variant)
             jobs.append(created)
