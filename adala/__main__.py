@@ -1,7 +1,8 @@
 """Command line: ``adala`` (or ``python -m adala``).
 
 ``adala stage=STAGE [group=option ...] [key=value ...]`` trains one stage; ``adala`` with no stage runs the built-in
-demo, which takes only ``demo.*`` keys; ``adala slurm-script stage2`` prints an sbatch script. ``--cfg`` prints
+demo, which takes only ``demo.*`` keys; ``adala slurm-script stage2`` prints an sbatch script; ``adala report
+RUN_DIR ...`` draws runs' figures (``adala.eval.report``); ``adala sweep-kernels`` runs Stage 1 per φ kernel. ``--cfg`` prints
 the composed config and exits; ``--check`` validates a stage's config (data, weights, checkpoints, strategy; for
 ``WORLD_SIZE`` processes) without building anything.
 """
@@ -31,6 +32,12 @@ def usage() -> str:
     return f"""usage: adala [--cfg | --check] stage=STAGE [group=option ...] [key=value ...]   (or python -m adala ...)
        adala [demo.key=value ...]                 the built-in demo: no stage, only demo.* keys
        adala slurm-script stage1|stage2|stage3    print an sbatch script, e.g. adala slurm-script stage2 > stage2.sh
+       adala report RUN_DIR [RUN_DIR ...]         figures and an HTML page of stage runs (adala report --help)
+       adala compare [--attentions a,b,...] [demo.key=value ...]
+                                                  every attention plug through its paper protocol and AdaLA's
+                                                  stages on the demo: a Table-1-shaped compare.md (adala.compare)
+       adala sweep-kernels [--check] attention.kernel=elu1,relu,... [key=value ...]
+                                                  Stage 1 once per φ kernel, then a report of their losses
 
 options:
   --cfg         print the composed config and exit (adala --cfg stage=STAGE lists every key and its default)
@@ -47,12 +54,25 @@ exit codes: 0 done, 2 bad input, 75 preempted after saving a checkpoint (run aga
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in args):
+    if any(a in ("-h", "--help") for a in args) and args[:1] != ["report"]:  # report: its own --help
         print(usage(), end="")
         return 0
     try:
         if args[:1] == ["slurm-script"]:
             print(slurm_script(args[1:]), end="")
+            return 0
+        if args[:1] == ["compare"]:
+            configure_logging()
+            from adala.compare import main as compare
+
+            compare(args[1:])
+            return 0
+        if args[:1] in (["report"], ["sweep-kernels"]):
+            configure_logging()
+            from adala.eval.report import main as report
+            from adala.launch.kernel_sweep import main as sweep_kernels
+
+            (report if args[0] == "report" else sweep_kernels)(args[1:])
             return 0
         overrides = checked_overrides(args)
         configure_logging()

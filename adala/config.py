@@ -37,11 +37,11 @@ class ModelConfig:
     weights: Optional[str] = None  # the original (softmax) VFM weights; None: random initialisation
 
 
-@dataclass
-class AttentionConfig:
-    kind: str = "linear"  # linear | softmax
-    kernel: str = "elu1"
-    eps: float = 1e-6
+def default_attention() -> dict[str, Any]:
+    """``attention``: ``kind`` (softmax or a plug of adala.attention), the plug's settings as further keys (see
+    ``conf/attention/<kind>.yaml``; checked against the plug by validation, so any plug's keys fit here) and
+    ``softmax_blocks``, the blocks that keep softmax attention."""
+    return {"kind": "linear", "softmax_blocks": []}
 
 
 @dataclass
@@ -62,8 +62,30 @@ class StageConfig:
     batch_size: int = 16
     epochs: Optional[float] = None  # with data.train_samples, sets train.max_steps when that is not given
     alpha: Optional[float] = None  # align_features: loss weight; None: the model's α
+    trainable: Optional[str] = None  # align_features: all | qkv (only Q/K/V train, paper Table 9); others: None
     transform: str = "align"
     optim: OptimConfig = field(default_factory=OptimConfig)
+    objective: Optional[str] = None  # align_attention: output | head_outputs | attention_scores; None: the plug's
+    lora: int = 0  # align_features, finetune_*: > 0 trains rank-`lora` adapters on qkv and proj instead (LoLCATS: 8)
+    lora_alpha: float = 16.0  # LoRA scale alpha / rank (LoLCATS: 16)
+    eval_batch_size: Optional[int] = None  # None: batch_size; finetune_seg evaluates whole images, one at a time
+    head: str = "linear"  # finetune_seg: linear (BatchNorm + 1x1 conv on the last block) | mask2former (adala[seg])
+    eval_crop: Optional[int] = None  # finetune_seg: sliding-window crop; None: model.img_size; 0: whole images
+    eval_stride: Optional[int] = None  # finetune_seg: sliding-window stride; None: 2/3 of the crop
+    mask2former: Mask2FormerOptions = field(default_factory=lambda: Mask2FormerOptions())
+
+
+@dataclass
+class Mask2FormerOptions:
+    """The Mask2Former head of finetune_seg (``adala.stages.mask2former``); defaults: the Mask2Former paper's."""
+
+    blocks: Optional[list[int]] = None  # ViT blocks feeding the 4 pyramid levels, fine to coarse; None: spread evenly
+    hidden_dim: int = 256
+    num_queries: int = 100
+    decoder_layers: int = 9  # masked-attention decoder layers
+    encoder_layers: int = 6  # deformable-attention layers of the pixel decoder
+    feedforward: int = 2048
+    train_points: int = 12544  # points sampled per mask for the matching and the mask losses
 
 
 @dataclass
@@ -82,6 +104,8 @@ class DataConfig:
     http_retries: int = 2  # further attempts to open an http(s) shard before it is skipped
     train_transform: Optional[str] = None  # None: the stage's own (stage.transform)
     eval_transform: str = "eval"
+    crop_size: Optional[int] = None  # segmentation: the protocol's training crop, model.img_size's default
+    scale: Optional[list[int]] = None  # segmentation: [long, short] an image is resized to fit (evaluation), x0.5-2 (training)
 
 
 @dataclass
@@ -138,7 +162,7 @@ class DemoConfig:
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
-    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    attention: dict[str, Any] = field(default_factory=default_attention)
     stage: Optional[StageConfig] = None  # None: run the built-in demo
     data: DataConfig = field(default_factory=DataConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
@@ -194,6 +218,12 @@ def override_key(item: str) -> str:
     return item.lstrip("+~").split("=", 1)[0]
 
 
+def without_attention(overrides: Sequence[str]) -> list[str]:
+    """``overrides`` less those that choose the attention or set its keys: the user's plug and its settings do not
+    apply to the runs that keep softmax attention (a pipeline's or the demo's teacher)."""
+    return [item for item in overrides if override_key(item).split(".", 1)[0] != "attention"]
+
+
 def to_yaml(cfg: Config) -> str:
     from omegaconf import OmegaConf
 
@@ -206,6 +236,9 @@ def options(group: str) -> list[str]:
 
 
 def _unknown_key(key: str) -> str:
+    if key.startswith("attention."):
+        return (f"{key} is not a setting of the chosen attention; its settings are the keys of its "
+                "conf/attention/<name>.yaml (choose the attention first, e.g. attention=nystrom attention.landmarks=64)")
     return (f"unknown config key {key!r}; check its spelling against `python -m adala --cfg` "
             "(config groups are chosen as group=option, e.g. model=dinov2_l)")
 

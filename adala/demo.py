@@ -3,7 +3,8 @@
 1. write the data set as tar shards and train a small softmax ViT teacher on it (both cached);
 2. Stage 1 (attention alignment) and Stage 2 (feature alignment), with and without Stage 1;
 3. Stage 3 (classification and segmentation fine-tuning) for every variant, evaluated on held-out data;
-4. print a table and write ``report.json`` in the run directory.
+4. print a table and write ``report.json`` in the run directory, and the figures of every run (``adala report``)
+   in ``report/`` beside it, linked from ``report.json``.
 
 Steps 2 and 3 are the jobs of the pipelines' graph (``adala.launch.pipeline.plan`` with ``ablation``), run one
 after the other in this process; every job is an ordinary stage run, composed from the same config files as
@@ -20,13 +21,14 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from adala.config import Config, DemoConfig, compose, override, to_yaml
+from adala.config import Config, DemoConfig, compose, override, to_yaml, without_attention
 from adala.data.demo_data import ensure_demo_shards
 from adala.data.demo_images import NUM_CLASSES, NUM_SEG_CLASSES
 from adala.data.demo_images import VERSION as DATA_VERSION
 from adala.models import save_export
 from adala.models.weights import read_export_metadata, read_state_dict
 from adala.engine.rundir import lock_run_dir
+from adala.eval.report import write_report
 from adala.files import write_text_atomic
 from adala.launch.pipeline import VARIANTS, plan
 from adala.run import run_stage
@@ -67,15 +69,18 @@ def _run_demo(cfg: Config, overrides: Sequence[str], run_dir: Path, started: flo
             metrics[job.variant].update(result.metrics)
     report = {name: {"description": variant.description, **metrics[name]} for name, variant in VARIANTS.items()}
     report_path = run_dir / "report.json"
+    # the pictures: every stage's losses, Stage 2 with and without Stage 1, per-block error and PCA maps
+    figures = write_report([job.run_dir for job in jobs], run_dir / "report", images=shards["val"])
     summary = {
         "variants": report,
+        "figures": str(figures.page.relative_to(run_dir)),
         "teacher_pretraining_top1": read_export_metadata(teacher).get("pretrain_top1"),
         "seconds": round(time.perf_counter() - started, 1),
         "demo": dataclasses.asdict(demo),
     }
     write_text_atomic(report_path, json.dumps(summary, indent=2) + "\n")
     print(format_table(report))
-    print(f"report: {report_path}  ({summary['seconds']:.0f} s)")
+    print(f"report: {report_path}, figures: {figures.page}  ({summary['seconds']:.0f} s)")
     return summary
 
 
@@ -130,9 +135,9 @@ def _teacher(cache: Path, recipe: list[str], user: list[str]) -> Path:
     it; a teacher run that was killed continues from its checkpoint."""
     from adala.engine.rundir import cache_entry_lock
 
-    cfg = compose(["stage=finetune_cls", *user, *recipe])
+    cfg = compose(["stage=finetune_cls", *without_attention(user), *recipe])
     train = cfg.train
-    key = _digest([dataclasses.asdict(part) for part in (cfg.model, cfg.attention, cfg.stage, cfg.data)]
+    key = _digest([dataclasses.asdict(cfg.model), cfg.attention, *map(dataclasses.asdict, (cfg.stage, cfg.data))]
                   + [train.seed, train.max_steps, train.precision])
     path = cache / f"teacher-{key}.safetensors"
     with cache_entry_lock(cache / f".teacher-{key}.lock", f"the demo teacher {path}"):

@@ -13,7 +13,8 @@ EXTRAS = {
     "deepspeed": ("DeepSpeed", "deepspeed"),
     "submitit": ("submitit", "submitit"),
     "ray": ("Ray Train", "ray"),
-    "matplotlib": ("matplotlib", "bench"),
+    "transformers": ("transformers (its Mask2Former)", "seg"),
+    "scipy": ("scipy (Mask2Former's matcher)", "seg"),
 }
 
 

@@ -23,6 +23,7 @@ BEST_EXPORT_NAME = "best.safetensors"  # train.eval_every: the evaluated model w
 # Stages 1-2 align a linear-attention student to the pretrained softmax teacher: they need its weights, and
 # attention=softmax contradicts them.
 ALIGNMENT_STAGES = ("align_attention", "align_features")
+LORA_STAGES = ("align_features", "finetune_cls")  # stages that take stage.lora (adala.models.lora)
 NEEDS_LABELS = {"finetune_cls": "num_classes", "finetune_seg": "num_seg_classes"}
 
 
@@ -50,7 +51,7 @@ class ValidRun:
 
     cfg: Config
     data: DataPlan
-    attention: dict[str, Any]  # the trained model's: {"kind": "softmax"} or {"kind": "linear", "kernel", "eps"}
+    attention: dict[str, Any]  # the trained model's spec (adala.models.spec): {"kind": "softmax"} or a plug's
 
 
 def validate_run(cfg: Config, *, world_size: Optional[int] = None, pending: Collection[str] = ()) -> ValidRun:
@@ -65,9 +66,18 @@ def validate_run(cfg: Config, *, world_size: Optional[int] = None, pending: Coll
     stage = _require_stage(cfg)
     module = get_stage(stage.name)
     spec = model_spec(cfg.model)  # the composed entry with the user's overrides; null fields from timm
-    cfg.model.img_size = cfg.model.img_size or spec.native_img_size
+    cfg.model.img_size = cfg.model.img_size or cfg.data.crop_size or spec.native_img_size  # a seg data set's crop
     check_img_size(spec, cfg.model.img_size)
+    if hasattr(module, "check"):  # what only this stage reads
+        module.check(cfg)
     attention = _attention(cfg, stage)
+    if stage.name == "align_attention":
+        module.objective_of(cfg, attention)  # an unknown stage.objective fails here
+    elif stage.objective is not None:
+        raise UserError(f"stage.objective={stage.objective} applies to stage=align_attention only; drop it")
+    if stage.lora < 0 or (stage.lora and stage.name not in LORA_STAGES):
+        raise UserError(f"stage.lora={stage.lora}: LoRA takes a positive rank and applies to stages "
+                        f"{', '.join(LORA_STAGES)}; drop it or use e.g. stage.lora=8")
     for key, path in (("model.weights", cfg.model.weights), ("stage.init", stage.init)):
         if path is not None and path not in pending and not os.path.isfile(path):
             raise UserError(f"{key}={path}: file not found; point it at a weight file or an adala export")
@@ -82,6 +92,12 @@ def validate_run(cfg: Config, *, world_size: Optional[int] = None, pending: Coll
             raise UserError(f"unknown {key} {name!r}; use one of {', '.join(TRANSFORMS)}")
     if stage.batch_size <= 0:
         raise UserError(f"stage.batch_size must be positive, got {stage.batch_size}")
+    trainable = getattr(module, "TRAINABLE", None)  # which parameters train: only Stage 2 has the choice
+    if stage.trainable not in (trainable or (None,)):
+        raise UserError(f"stage.trainable={stage.trainable}: " + (f"use {' or '.join(trainable)}" if trainable else
+                        f"stage {stage.name} has no such choice (align_features has); drop it"))
+    if stage.trainable == "qkv" and stage.lora:
+        raise UserError("stage.trainable=qkv and stage.lora both choose what trains; drop one of them")
     world_size = world_size or launched_world_size()
     check_strategy(cfg.strategy, precision=cfg.train.precision, device=cfg.train.device)
     data = check_data(cfg.data, mode=module.STREAM, world_size=world_size, batch_size=stage.batch_size)
@@ -102,12 +118,10 @@ def validate_run(cfg: Config, *, world_size: Optional[int] = None, pending: Coll
 
 def _attention(cfg: Config, stage: StageConfig) -> dict[str, Any]:
     """The attention of the model a stage trains, normalised; a choice that contradicts the stage is refused."""
-    attention = normalise_attention(vars(cfg.attention))
+    attention = normalise_attention(cfg.attention)
     if attention["kind"] == "softmax" and stage.name in ALIGNMENT_STAGES:
         raise UserError(f"stage {stage.name} trains linear attention, so attention=softmax contradicts it; "
-                        "drop attention=softmax or choose a kernel, e.g. attention=elu1")
-    if attention["kind"] == "linear" and attention["eps"] <= 0:
-        raise UserError(f"attention.eps must be positive, got {attention['eps']}")
+                        "drop attention=softmax or choose a plug of adala.attention, e.g. attention=linear")
     return attention
 
 
@@ -186,7 +200,7 @@ def run_stage(cfg: Config, stream: Optional[Iterable[dict[str, Any]]] = None) ->
         spec = model_spec(cfg.model)
         if stream is None:
             transform = build_transform(cfg.data.train_transform or stage.transform, img_size=cfg.model.img_size,
-                                        mean=spec.mean, std=spec.std)
+                                        mean=spec.mean, std=spec.std, scale=cfg.data.scale)
             stream = train_stream(run.data, fields=module.FIELDS, mode=module.STREAM, transform=transform,
                                   batch_size=stage.batch_size, seed=cfg.train.seed, rank=strategy.rank,
                                   world_size=strategy.world_size)
@@ -244,9 +258,11 @@ class _Outputs:
 
         cfg = self.run.cfg
         spec = model_spec(cfg.model)
-        transform = build_transform(cfg.data.eval_transform, img_size=cfg.model.img_size, mean=spec.mean, std=spec.std)
+        transform = build_transform(cfg.data.eval_transform, img_size=cfg.model.img_size, mean=spec.mean, std=spec.std,
+                                    scale=cfg.data.scale)
         return eval_stream(self.run.data, fields=self.fields, transform=transform,
-                           batch_size=cfg.stage.batch_size, rank=self.strategy.rank, world_size=self.strategy.world_size)
+                           batch_size=cfg.stage.eval_batch_size or cfg.stage.batch_size, rank=self.strategy.rank,
+                           world_size=self.strategy.world_size)
 
     def periodic(self) -> list[Any]:
         from adala.engine.loop import Periodic

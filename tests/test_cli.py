@@ -18,7 +18,10 @@ REPO = Path(__file__).resolve().parent.parent
     [
         (["model=nope"], "unknown model 'nope'; choose one of: clip_l, demo_small, demo_tiny"),
         (["stage=nope"], "unknown stage 'nope'; choose one of: align_attention"),
-        (["attention=nope"], "unknown attention 'nope'; choose one of: elu1, exp, relu, softmax, softplus"),
+        (["attention=nope"], "unknown attention 'nope'; choose one of: "),
+        (["attention.nope=1"], "attention.nope is not a setting of the chosen attention"),
+        (["stage=finetune_cls", "+attention.nope=1"], "attention 'linear' has no setting nope; its settings: eps, kernel"),
+        (["stage=finetune_cls", "attention.softmax_blocks=[x]"], "attention.softmax_blocks must be a list of block"),
         (["train.nope=1"], "unknown config key 'train.nope'"),
         (["train.max_steps=abc"], "train.max_steps: Value 'abc'"),
         (["stage=align_attention", "model=dinov2_s", "model.img_size=-14"], "resolution -14 is not a positive number"),

@@ -177,8 +177,10 @@ def test_softmax_attention_contradicts_the_alignment_stages(stage: str, unlabele
 
 def test_attention_is_normalised_once_for_the_stage(labelled: tuple[str, str], weights: str) -> None:
     data = [override("data.train", labelled[0]), override("data.val", labelled[1]), "data.workers=1", "train.max_steps=1"]
-    softmax = validate_run(compose(["stage=finetune_cls", "attention=softmax", "attention.kernel=relu", *data]), world_size=1)
+    softmax = validate_run(compose(["stage=finetune_cls", "attention=softmax", *data]), world_size=1)
     assert softmax.attention == {"kind": "softmax"}
+    with pytest.raises(UserError, match="attention.kernel is not a setting of the chosen attention"):
+        compose(["stage=finetune_cls", "attention=softmax", "attention.kernel=relu", *data])
     linear = validate_run(compose(["stage=align_attention", "attention=relu", "attention.eps=1e-4",
                                    override("model.weights", weights), *data]), world_size=1)
     assert linear.attention == {"kind": "linear", "kernel": "relu", "eps": 1e-4}
@@ -207,7 +209,7 @@ def test_the_demo_graph_holds_the_ablation_in_order(tmp_path: Path, random_teach
     configs = {job.step: compose(job.overrides) for job in jobs}
     assert all(cfg.data.name == "demo" for cfg in configs.values())
     exports = {job.step: str(job.export) for job in jobs}
-    starts = {step: (cfg.stage.init, cfg.model.weights, cfg.attention.kind) for step, cfg in configs.items()}
+    starts = {step: (cfg.stage.init, cfg.model.weights, cfg.attention["kind"]) for step, cfg in configs.items()}
     assert starts["s2"] == (exports["s1"], random_teacher, "linear")
     assert starts["s2_without_s1"] == (None, random_teacher, "linear")
     assert starts["teacher_cls"] == (None, random_teacher, "softmax")

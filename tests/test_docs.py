@@ -419,7 +419,8 @@ def covered_by_test(test: str) -> Runner:
         path, name = test.split("::")
         source = (REPO / path).read_text()
         assert f"def {name}(" in source, f"{test} is gone"
-        assert all(f'"{word}"' in source for word in case.text.split()), f"{test} no longer runs {case.text!r}"
+        words = [word for word in case.text.split() if word != "..."]  # ...: the test's own overrides
+        assert all(f'"{word}"' in source for word in words), f"{test} no longer runs {case.text!r}"
     return run
 
 
@@ -449,6 +450,25 @@ def installed(*, demo: bool = False, then: tuple[str, ...] = ()) -> Runner:
     return run
 
 
+def on_demo_runs_in_checkout_copy(case: Case) -> None:
+    """A command that draws the README's pictures from the demo's runs into the checkout: in a copy, after the demo
+    at tiny sizes; it writes every picture the README shows."""
+    case.cwd = case.world.checkout_copy("writable")
+    shutil.rmtree(case.cwd / "docs" / "report", ignore_errors=True)  # the committed pictures: drawn anew
+    case.run(" ".join(["python -m adala", *DEMO_TINY]), timeout=1800)
+    case.run()
+    shown = re.findall(r"\]\((docs/report/[\w.-]+\.png)\)", (REPO / "README.md").read_text())
+    assert shown and all((case.cwd / picture).is_file() for picture in shown), shown
+
+
+def after_tiny_demo(case: Case) -> None:
+    """A command reading the demo's runs and writing into the checkout: in a copy, after the demo at tiny sizes."""
+    case.cwd = case.world.checkout_copy("writable")
+    if not (case.cwd / "runs" / "demo" / "report.json").is_file():
+        case.run(" ".join(["python -m adala", *DEMO_TINY]), timeout=1800)
+    case.run()
+
+
 def saves_the_script(case: Case) -> None:
     """``adala slurm-script stage2 > stage2.sh``: the installed package prints the checkout's script."""
     case.run()
@@ -473,17 +493,24 @@ RULES = (
     Rule(r"pip install -e \.$", installed(then=("adala --help",)), ("slow",)),
     Rule(r"pip install \.$", installed(then=("adala --help",)), ("slow",)),  # a wheel: its configs come along
     Rule(r"bash scripts/test\.sh$", ci_runs(".ci/run")),
-    Rule(r"bash scripts/local_slurm\.sh (up|down)$", ci_runs("scripts/test.sh")),
+    Rule(r"bash scripts/local_slurm\.sh (up|up --nodes 2|down)$", ci_runs("scripts/test.sh")),
     # the demo and the CLI
     Rule(r"python -m adala$", as_written(extra=tuple(DEMO_TINY), stdout="scratch_linear"), ("slow",)),  # tiny sizes
     Rule(r"python -m adala --(cfg|help)$", as_written(stdout=r"\S")),
     Rule(r"python -m adala demo\.", as_written(extra=("--cfg",), stdout=r"teacher_steps: 800")),
     Rule(r"python -m adala model=\w+$", as_written(expect=2, stderr=r"(?m)^adala: error: .*stage")),
+    Rule(r"python -m adala report RUN_DIR ", with_help),
+    Rule(r"python -m adala report runs/demo/", on_demo_runs_in_checkout_copy, ("slow",)),
+    Rule(r"python -m adala sweep-kernels ", as_written(extra=("--check",), stdout="config ok")),
+    Rule(r"python -m adala compare( |$)", as_written(extra=(*DEMO_TINY, "--attentions", "elu1"), stdout=r"\| attention \| protocol \|"),
+         ("slow",)),  # tiny sizes, one plug
     # stages on ViT-L weights
     Rule(r"python -m adala stage=", with_check),
     Rule(r"torchrun .* -m adala (stage=align_features )?.*\.\.\.$", fill(STAGE_S2, torchrun_check)),
     Rule(r"sbatch stage2\.sh \.\.\.$", fill(r"sbatch slurm/stage2\.sh model=", after(r"adala slurm-script stage2 > stage2\.sh", sbatch_check))),
     Rule(r"sbatch stage2\.sh ", after(r"adala slurm-script stage2 > stage2\.sh", sbatch_check)),
+    Rule(r"sbatch --nodes=2 --gpus-per-node=1 ", covered_by_test(
+        "tests/test_slurm_multinode.py::test_two_nodes_requeued_twice_end_with_the_weights_of_one_process")),
     Rule(r"sbatch .*slurm/stage\d\.sh \.\.\.$", fill(r"sbatch slurm/stage2\.sh model=", sbatch_check)),
     Rule(r"sbatch ", sbatch_check),
     Rule(r"adala slurm-script stage2 > stage2\.sh$", saves_the_script),
@@ -510,8 +537,10 @@ RULES = (
     # benchmarks and other programs' tools
     Rule(r"python -m bench\.\*$", files_exist),
     Rule(r"python -m bench\.efficiency --models vit_tiny_patch16 ", in_checkout_copy, ("slow",)),
+    Rule(r"python -m adala\.eval\.resolution runs/demo/", after_tiny_demo, ("slow",)),
+    Rule(r"python -m adala\.eval\.resolution runs/<run>/", with_help),
     Rule(r"python -m (bench\.\w+|adala\.eval\.bench|deepspeed\.checkpoint\.ds_to_universal)", with_help),
-    Rule(r"ray start --head$", with_help),
+    Rule(r"ray (start|stop)( |$)", with_help),
 )
 
 

@@ -80,6 +80,11 @@ def test_reduced_demo_writes_report(tmp_path: Path) -> None:
                for run in ("s1_align_attention", "s2_align_features", "s2_without_s1", "s3_cls", "s3_scratch_linear_seg"))
     for row in report["variants"].values():
         assert 0.0 <= row["top1"] <= 1.0 and 0.0 <= row["miou"] <= 1.0
+    # The figures of every run, linked from the report: Stage 2 with and without Stage 1 overlaid (paper Fig. 7).
+    assert report["figures"] == "report/index.html" and (tmp_path / "demo" / "report" / "index.html").is_file()
+    loss = json.loads((tmp_path / "demo" / "report" / "loss.json").read_text())
+    assert set(loss["runs"]["align_features"]) == {"s2_align_features", "s2_without_s1"}
+    assert (tmp_path / "demo" / "report" / "pca.png").is_file()
     teachers = list((tmp_path / "cache").glob("demo-*/teacher-*.safetensors"))
     assert len(teachers) == 1
     # The second run reuses the cached shards and teacher.
@@ -96,17 +101,23 @@ def test_demo_data_config_matches_the_generator() -> None:
 
 
 def test_demo_labels_need_global_context() -> None:
-    """The class and the mask of the same two shapes change when the shapes swap sides."""
+    """The class is the (left, right) pair of shape types; each object's pixels are labelled by (own type, the
+    other's type), so the same shape takes a different label next to a different partner."""
     import numpy as np
 
     from adala.data.demo_images import NUM_SEG_CLASSES, SHAPES, class_of, render
 
+    pairs = {class_of(a, b): (a, b) for a in range(len(SHAPES)) for b in range(len(SHAPES)) if a != b}
     rng = np.random.default_rng(0)
     labels, mask_values = set(), set()
     for _ in range(400):
         _, mask, label = render(rng)
+        left, right = pairs[label]
         labels.add(label)
-        mask_values.update(np.unique(mask).tolist())
+        values = set(np.unique(mask).tolist())
+        assert values == {0, 1 + class_of(left, right), 1 + class_of(right, left)}
+        assert (mask[:, :8] != 1 + class_of(right, left)).all()  # the left object's label sits on the left
+        mask_values |= values
     assert labels == set(range(len(SHAPES) * (len(SHAPES) - 1)))
     assert mask_values == set(range(NUM_SEG_CLASSES))
-    assert class_of(0, 1) != class_of(1, 0)
+    assert len({1 + class_of(0, other) for other in range(1, len(SHAPES))}) == len(SHAPES) - 1
