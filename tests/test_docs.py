@@ -450,22 +450,28 @@ def installed(*, demo: bool = False, then: tuple[str, ...] = ()) -> Runner:
     return run
 
 
-def on_demo_runs_in_checkout_copy(case: Case) -> None:
-    """A command that draws the README's pictures from the demo's runs into the checkout: in a copy, after the demo
-    at tiny sizes; it writes every picture the README shows."""
+def tiny_demo_in_checkout_copy(case: Case) -> None:
+    """Run in a copy of the checkout (the command writes into it), after the demo at tiny sizes there, with the
+    demo's cache in the copy too, so every command run this way finds the same runs and the same shards."""
     case.cwd = case.world.checkout_copy("writable")
+    case.env["ADALA_CACHE"] = str(case.cwd / ".cache")
+    if not (case.cwd / "runs" / "demo" / "report.json").is_file():
+        case.run(" ".join(["python -m adala", *DEMO_TINY]), timeout=1800)
+
+
+def on_demo_runs_in_checkout_copy(case: Case) -> None:
+    """A command that draws the README's pictures from the demo's runs into the checkout; it writes every picture
+    the README shows."""
+    tiny_demo_in_checkout_copy(case)
     shutil.rmtree(case.cwd / "docs" / "report", ignore_errors=True)  # the committed pictures: drawn anew
-    case.run(" ".join(["python -m adala", *DEMO_TINY]), timeout=1800)
     case.run()
     shown = re.findall(r"\]\((docs/report/[\w.-]+\.png)\)", (REPO / "README.md").read_text())
     assert shown and all((case.cwd / picture).is_file() for picture in shown), shown
 
 
 def after_tiny_demo(case: Case) -> None:
-    """A command reading the demo's runs and writing into the checkout: in a copy, after the demo at tiny sizes."""
-    case.cwd = case.world.checkout_copy("writable")
-    if not (case.cwd / "runs" / "demo" / "report.json").is_file():
-        case.run(" ".join(["python -m adala", *DEMO_TINY]), timeout=1800)
+    """A command reading the demo's runs and writing into the checkout."""
+    tiny_demo_in_checkout_copy(case)
     case.run()
 
 
