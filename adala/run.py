@@ -68,12 +68,10 @@ def validate_run(cfg: Config, *, world_size: Optional[int] = None, pending: Coll
     spec = model_spec(cfg.model)  # the composed entry with the user's overrides; null fields from timm
     cfg.model.img_size = cfg.model.img_size or cfg.data.crop_size or spec.native_img_size  # a seg data set's crop
     check_img_size(spec, cfg.model.img_size)
-    if hasattr(module, "check"):  # what only this stage reads
-        module.check(cfg)
     attention = _attention(cfg, stage)
-    if stage.name == "align_attention":
-        module.objective_of(cfg, attention)  # an unknown stage.objective fails here
-    elif stage.objective is not None:
+    if hasattr(module, "check"):  # what only this stage reads
+        module.check(cfg, attention)
+    if stage.objective is not None and not hasattr(module, "objective_of"):
         raise UserError(f"stage.objective={stage.objective} applies to stage=align_attention only; drop it")
     if stage.lora < 0 or (stage.lora and stage.name not in LORA_STAGES):
         raise UserError(f"stage.lora={stage.lora}: LoRA takes a positive rank and applies to stages "

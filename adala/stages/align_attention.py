@@ -135,6 +135,11 @@ def objective_of(cfg: Any, attention: dict[str, Any]) -> str:
     return objective
 
 
+def check(cfg: Any, attention: dict[str, Any]) -> None:
+    """What validation checks for this stage: an unknown ``stage.objective``."""
+    objective_of(cfg, attention)
+
+
 def build(cfg: Any, attention: dict[str, Any]) -> StageParts:
     """``attention``: the branches' plug and settings (a spec, normalised by validation)."""
     objective = objective_of(cfg, attention)

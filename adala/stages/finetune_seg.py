@@ -74,7 +74,7 @@ class Segmenter(nn.Module):
         return rows * patch_h, cols * patch_w
 
 
-def check(cfg: Any) -> None:
+def check(cfg: Any, attention: dict[str, Any]) -> None:
     """What validation checks for this stage: the head and the evaluation window."""
     stage = cfg.stage
     if stage.head not in HEADS:
