@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 import textwrap
+from importlib import import_module
 from typing import Optional, Sequence
 
 from adala.engine.preemption import REQUEUE_EXIT_CODE, Preempted
@@ -18,6 +19,7 @@ from adala.logs import configure_logging
 
 FLAGS = ("--cfg", "--check")
 GROUPS = ("stage", "model", "data", "attention", "strategy")  # in the order --help lists them
+SUBCOMMANDS = {"report": "adala.eval.report", "sweep-kernels": "adala.launch.kernel_sweep"}  # modules with main(args)
 
 
 def usage() -> str:
@@ -36,6 +38,7 @@ def usage() -> str:
        adala compare [--attentions a,b,...] [demo.key=value ...]
                                                   every attention plug through its paper protocol and AdaLA's
                                                   stages on the demo: a Table-1-shaped compare.md (adala.compare)
+       adala compare --runs ROOT                  the same report from a launcher's --attentions runs in ROOT
        adala sweep-kernels [--check] attention.kernel=elu1,relu,... [key=value ...]
                                                   Stage 1 once per φ kernel, then a report of their losses
 
@@ -67,12 +70,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             compare(args[1:])
             return 0
-        if args[:1] in (["report"], ["sweep-kernels"]):
+        if args[:1] and args[0] in SUBCOMMANDS:
             configure_logging()
-            from adala.eval.report import main as report
-            from adala.launch.kernel_sweep import main as sweep_kernels
-
-            (report if args[0] == "report" else sweep_kernels)(args[1:])
+            import_module(SUBCOMMANDS[args[0]]).main(args[1:])  # only the chosen subcommand's module
             return 0
         overrides = checked_overrides(args)
         configure_logging()
@@ -138,5 +138,15 @@ def slurm_script(args: Sequence[str]) -> str:
     return scripts[args[0]].read_text()
 
 
+def cli() -> None:
+    """The ``adala`` command and ``python -m adala``: :func:`main`, then the process's exit (see
+    :func:`adala.engine.distributed.exit_process`)."""
+    code = main()
+    distributed = sys.modules.get("adala.engine.distributed")  # loaded by every command that may join a group
+    if distributed is not None:
+        distributed.exit_process(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

@@ -66,8 +66,10 @@ class StageConfig:
     transform: str = "align"
     optim: OptimConfig = field(default_factory=OptimConfig)
     objective: Optional[str] = None  # align_attention: output | head_outputs | attention_scores; None: the plug's
-    lora: int = 0  # align_features, finetune_*: > 0 trains rank-`lora` adapters on qkv and proj instead (LoLCATS: 8)
-    lora_alpha: float = 16.0  # LoRA scale alpha / rank (LoLCATS: 16)
+    task_model: bool = False  # align_*: model.weights is a fine-tuned softmax task model; the student keeps its head
+    lora: Optional[int] = None  # align_features, finetune_*: > 0 trains rank-`lora` adapters on qkv and proj instead;
+    # 0: none; None: the plug's recipe (attention=lolcats: 8), else none
+    lora_alpha: Optional[float] = None  # LoRA scale alpha / rank; None: the plug's recipe, else 16
     eval_batch_size: Optional[int] = None  # None: batch_size; finetune_seg evaluates whole images, one at a time
     head: str = "linear"  # finetune_seg: linear (BatchNorm + 1x1 conv on the last block) | mask2former (adala[seg])
     eval_crop: Optional[int] = None  # finetune_seg: sliding-window crop; None: model.img_size; 0: whole images
@@ -157,6 +159,7 @@ class DemoConfig:
     finetune_steps: int = 150
     finetune_batch_size: int = 32
     finetune_lr: float = 1e-3
+    adapt_task: bool = False  # also Stages 1-2 with the fine-tuned softmax segmenter as teacher (paper 4.3.3)
 
 
 @dataclass

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 # Every stage run of the demo starts over: its run directory is the demo's own.
 FRESH_RUNS = ("resume=none", "overwrite=true")
+ADAPT_TASK = "adapt_task"  # demo.adapt_task's row: the task model adapted directly (paper 4.3.3)
 
 
 def run_demo(cfg: Config, overrides: Sequence[str] = ()) -> dict:
@@ -68,6 +69,10 @@ def _run_demo(cfg: Config, overrides: Sequence[str], run_dir: Path, started: flo
         if job.variant is not None:
             metrics[job.variant].update(result.metrics)
     report = {name: {"description": variant.description, **metrics[name]} for name, variant in VARIANTS.items()}
+    if demo.adapt_task:
+        segmenter = next(job for job in jobs if job.variant == "teacher" and job.task == "seg")
+        report[ADAPT_TASK] = {"description": "softmax segmenter adapted directly, Stage 1 + 2 (paper 4.3.3)",
+                              **_adapt_task(cfg.model.name, run_dir, segmenter.export, recipe, shards["val"], user)}
     report_path = run_dir / "report.json"
     # the pictures: every stage's losses, Stage 2 with and without Stage 1, per-block error and PCA maps
     figures = write_report([job.run_dir for job in jobs], run_dir / "report", images=shards["val"])
@@ -84,10 +89,25 @@ def _run_demo(cfg: Config, overrides: Sequence[str], run_dir: Path, started: flo
     return summary
 
 
+def _adapt_task(model: str, run_dir: Path, segmenter: Path, recipe: dict[str, list[str]], val: str,
+                user: list[str]) -> dict[str, float]:
+    """``demo.adapt_task``: Stage 1 → 2 of the task route (``stage.task_model``) from the fine-tuned softmax
+    segmenter, on the Stage-1/2 data and steps; the metrics of the Stage-2 student on the validation split."""
+    init: list[str] = []
+    for stage, name in (("align_attention", "s1_task_seg"), ("align_features", "s2_task_seg")):
+        result = run_stage(compose([
+            f"stage={stage}", f"model={model}", override("run_dir", run_dir / model / name), *recipe[stage], *init,
+            override("model.weights", segmenter), "stage.task_model=true", override("data.val", val), *user,
+            *FRESH_RUNS]))
+        init = [override("stage.init", result.export)]
+    return result.metrics
+
+
 def format_table(report: dict) -> str:
     lines = [f"{'variant':<16}{'top-1':>8}{'mIoU':>8}  description", "-" * 72]
     for variant, row in report.items():
-        lines.append(f"{variant:<16}{row['top1'] * 100:>7.1f}%{row['miou'] * 100:>7.1f}%  {row['description']}")
+        cells = "".join(f"{row[key] * 100:>7.1f}%" if key in row else f"{'-':>8}" for key in ("top1", "miou"))
+        lines.append(f"{variant:<16}{cells}  {row['description']}")
     return "\n".join(lines)
 
 

@@ -23,7 +23,8 @@ BEST_EXPORT_NAME = "best.safetensors"  # train.eval_every: the evaluated model w
 # Stages 1-2 align a linear-attention student to the pretrained softmax teacher: they need its weights, and
 # attention=softmax contradicts them.
 ALIGNMENT_STAGES = ("align_attention", "align_features")
-LORA_STAGES = ("align_features", "finetune_cls")  # stages that take stage.lora (adala.models.lora)
+LORA_STAGES = ("align_features", "finetune_cls", "finetune_seg")  # stages that take stage.lora (adala.models.lora)
+LORA_ALPHA = 16.0  # stage.lora_alpha when neither the user nor the plug's recipe sets it
 NEEDS_LABELS = {"finetune_cls": "num_classes", "finetune_seg": "num_seg_classes"}
 
 
@@ -71,8 +72,12 @@ def validate_run(cfg: Config, *, world_size: Optional[int] = None, pending: Coll
     attention = _attention(cfg, stage)
     if hasattr(module, "check"):  # what only this stage reads
         module.check(cfg, attention)
+    if stage.task_model and stage.name not in ALIGNMENT_STAGES:
+        raise UserError(f"stage.task_model=true adapts a task model in Stages 1-2 ({', '.join(ALIGNMENT_STAGES)}); "
+                        f"stage {stage.name} fine-tunes one already: drop stage.task_model")
     if stage.objective is not None and not hasattr(module, "objective_of"):
         raise UserError(f"stage.objective={stage.objective} applies to stage=align_attention only; drop it")
+    _resolve_lora(stage, attention)
     if stage.lora < 0 or (stage.lora and stage.name not in LORA_STAGES):
         raise UserError(f"stage.lora={stage.lora}: LoRA takes a positive rank and applies to stages "
                         f"{', '.join(LORA_STAGES)}; drop it or use e.g. stage.lora=8")
@@ -123,6 +128,24 @@ def _attention(cfg: Config, stage: StageConfig) -> dict[str, Any]:
     return attention
 
 
+def _resolve_lora(stage: StageConfig, attention: dict[str, Any]) -> None:
+    """Fill in an unset ``stage.lora`` and ``stage.lora_alpha``: in the stages after attention transfer, the plug's
+    recipe (:attr:`~adala.attention.AttentionPlug.finetune_lora`) unless ``stage.trainable=qkv`` chose what trains;
+    otherwise no LoRA (α :data:`LORA_ALPHA`)."""
+    from adala.attention import get_plug
+
+    recipe = None
+    if stage.name in LORA_STAGES and attention["kind"] != "softmax":
+        recipe = get_plug(attention["kind"]).finetune_lora
+    if stage.lora_alpha is None:
+        stage.lora_alpha = recipe[1] if recipe else LORA_ALPHA
+    if stage.lora is None:
+        stage.lora = recipe[0] if recipe and stage.trainable != "qkv" else 0
+        if stage.lora:
+            log.info("stage.lora=%d, stage.lora_alpha=%g: LoRA switched on by the recipe of attention=%s "
+                     "(stage.lora=0 trains in full)", stage.lora, stage.lora_alpha, attention["kind"])
+
+
 def _check_run(cfg: Config, world_size: int) -> None:
     """What the run writes and continues from: evaluation and exports while training, the run directory (on the
     main rank, which alone writes it), and the checkpoint to resume from."""
@@ -134,9 +157,10 @@ def _check_run(cfg: Config, world_size: int) -> None:
         if getattr(train, key) < 0:
             raise UserError(f"train.{key} must be a number of steps, or 0 for none; got {getattr(train, key)}")
     if train.eval_every:
-        if cfg.stage.name not in NEEDS_LABELS:  # the labelled stages are the evaluated ones
+        if cfg.stage.name not in NEEDS_LABELS and not cfg.stage.task_model:  # the labelled stages are evaluated
             raise UserError(f"train.eval_every: stage {cfg.stage.name} has no evaluation metric; only "
-                            f"{' and '.join(NEEDS_LABELS)} evaluate (drop train.eval_every)")
+                            f"{' and '.join(NEEDS_LABELS)} evaluate, and Stages 1-2 of a task model "
+                            "(stage.task_model=true; else drop train.eval_every)")
         if not cfg.data.val:
             raise UserError("train.eval_every evaluates on data.val; set data.val to validation shards")
     if process_rank() == 0:
@@ -175,6 +199,7 @@ def run_stage(cfg: Config, stream: Optional[Iterable[dict[str, Any]]] = None) ->
     from adala.engine.strategies import build_strategy
     from adala.logs import show_progress
     from adala.stages import get_stage
+    from adala.stages.task_model import eval_fields
 
     run = validate_run(cfg)
     cfg = run.cfg
@@ -203,7 +228,7 @@ def run_stage(cfg: Config, stream: Optional[Iterable[dict[str, Any]]] = None) ->
                                   batch_size=stage.batch_size, seed=cfg.train.seed, rank=strategy.rank,
                                   world_size=strategy.world_size)
         progress = show_progress(cfg.train.progress)
-        outputs = _Outputs(run, parts, strategy, fields=module.FIELDS, progress=progress)
+        outputs = _Outputs(run, parts, strategy, fields=eval_fields(cfg) or module.FIELDS, progress=progress)
         trainer = fit(parts, stream, _loop_config(cfg, progress), strategy=strategy, run_dir=run_dir, resume=cfg.resume,
                       periodic=outputs.periodic())
         step = trainer.state.step

@@ -47,4 +47,7 @@ def main(overrides: list[str], global_batch: int = 8) -> None:
 
 
 if __name__ == "__main__":
+    from adala.engine.distributed import exit_process
+
     main(sys.argv[1:])
+    exit_process(0)

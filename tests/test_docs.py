@@ -103,6 +103,25 @@ class World:
                                       "attention": attention_config(vit)})
         return path
 
+    def segmenter(self, model: str, data: str) -> Path:
+        """A stand-in for a softmax ``finetune_seg`` export of ``model`` on ``data``: its architecture with softmax
+        attention and a linear head for the data set's classes, random weights stored in fp16, adala's metadata."""
+        from adala.config import compose
+        from adala.models import attention_config, build_vfm, save_export
+        from adala.stages.seg_heads import LinearHead
+
+        path = self.releases.root / f"{model}.{data}-segmenter.safetensors"
+        if not path.is_file():
+            classes = compose([f"data={data}"]).data.num_seg_classes
+            vit = build_vfm(model, attention={"kind": "softmax"})
+            head = LinearHead(vit.embed_dim, classes, len(vit.blocks))
+            state = {**vit.state_dict(), **{f"seg_head.{k}": v for k, v in head.state_dict().items()}}
+            state = {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in state.items()}
+            save_export(state, path, {"model": model, "img_size": vit.patch_embed.img_size[0], "stage": "finetune_seg",
+                                      "num_seg_classes": classes, "seg_head": "linear",
+                                      "attention": attention_config(vit)})
+        return path
+
 
 @pytest.fixture(scope="session")
 def world(release_files: ReleaseFiles, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
@@ -253,6 +272,17 @@ def as_written(*, expect: int = 0, stdout: str = "", stderr: str = "", extra: tu
 def with_check(case: Case) -> None:
     """A stage that would train a ViT-L: ``--check`` validates everything the run would check first."""
     _checked(case, case.text + " --check")
+
+
+def with_task_teacher(case: Case) -> None:
+    """Stages 1-2 of a task model (``stage.task_model=true``): its ``model.weights`` export stands in as a softmax
+    segmenter of the command's model and data set, then ``--check``."""
+    weights = re.search(r"(?:^|\s)model\.weights=(runs/\S+/export/model\.safetensors)", case.text)[1]
+    model, data = (re.search(rf"(?:^|\s){key}=(\w+)", case.text)[1] for key in ("model", "data"))
+    target = case.cwd / weights
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.symlink_to(case.world.segmenter(model, data))
+    with_check(case)
 
 
 def _checked(case: Case, text: str) -> None:
@@ -475,6 +505,56 @@ def after_tiny_demo(case: Case) -> None:
     case.run()
 
 
+def in_local_comparison(case: Case) -> None:
+    """Move ``case`` into the directory the README's attention-comparison commands share, after the README's local
+    submission of the comparison has run there once, at tiny sizes (its run directories are what the others read)."""
+    case.cwd = case.world.root / "compare_local"
+    case.env["ADALA_CACHE"] = str(case.cwd / ".cache")
+    if not case.cwd.is_dir():
+        checkout_view(case.cwd)
+    submission = case.sibling(r"python launchers/submit\.py --local .*--attentions ")
+    if not (case.cwd / _root_of(submission) / "compare.json").is_file():
+        case.run(" ".join([submission, *DEMO_TINY]), timeout=1200)
+
+
+def _root_of(command: str) -> Path:
+    return Path(re.search(r"--root (\S+)", command)[1])
+
+
+def local_comparison(case: Case) -> None:
+    """The comparison's jobs ran, each in a run directory of its attention, and wrote the results with their
+    attention column and the Table-1-shaped report."""
+    in_local_comparison(case)
+    root = case.cwd / _root_of(case.text)
+    attentions = re.search(r"--attentions (\S+)", case.text)[1].split(",")
+    record = json.loads((root / "comparison.json").read_text())
+    names = [f"{job['model']}/{job['attention']}/{job['step']}" for job in record["jobs"]]
+    assert len(set(names)) == len(names) and record["attentions"] == attentions, names
+    assert all(Path(job["run_dir"]).is_relative_to(root / job["attention"]) for job in record["jobs"])
+    results = json.loads((root / "results.json").read_text())["models"]
+    assert [(r["attention"], r["status"]) for r in results] == [(a, "completed") for a in ["softmax", *attentions]]
+    assert (root / "results.md").read_text().startswith("| VFM | attention |")
+    rows = json.loads((root / "compare.json").read_text())["rows"]
+    assert [(r["attention"], r["variant"]) for r in rows] == [("softmax", "teacher")] + [
+        (a, v) for a in attentions for v in ("adala", "baseline")]
+    assert all(0 <= r["top1"] <= 1 for r in rows)
+
+
+def report_from_runs(case: Case) -> None:
+    """``adala compare --runs ROOT`` writes the report anew from the run directories alone."""
+    in_local_comparison(case)
+    root = case.cwd / case.text.split()[-1]
+    written = json.loads((root / "compare.json").read_text())
+    for name in ("compare.md", "compare.json", "per_block_error.png"):
+        (root / name).unlink()
+    out = case.run()
+    again = json.loads((root / "compare.json").read_text())
+    assert (root / "compare.md").read_text() in out.stdout and (root / "per_block_error.png").is_file()
+    assert [(r["attention"], r["protocol"], r["top1"]) for r in again["rows"]] == [
+        (r["attention"], r["protocol"], r["top1"]) for r in written["rows"]]
+    assert again["block_errors"] == written["block_errors"]
+
+
 def saves_the_script(case: Case) -> None:
     """``adala slurm-script stage2 > stage2.sh``: the installed package prints the checkout's script."""
     case.run()
@@ -508,9 +588,11 @@ RULES = (
     Rule(r"python -m adala report RUN_DIR ", with_help),
     Rule(r"python -m adala report runs/demo/", on_demo_runs_in_checkout_copy, ("slow",)),
     Rule(r"python -m adala sweep-kernels ", as_written(extra=("--check",), stdout="config ok")),
+    Rule(r"python -m adala compare --runs ", report_from_runs, ("slow",)),  # after the local submission below
     Rule(r"python -m adala compare( |$)", as_written(extra=(*DEMO_TINY, "--attentions", "elu1"), stdout=r"\| attention \| protocol \|"),
          ("slow",)),  # tiny sizes, one plug
     # stages on ViT-L weights
+    Rule(r"python -m adala stage=align_\w+ stage\.task_model=true ", with_task_teacher),
     Rule(r"python -m adala stage=", with_check),
     Rule(r"torchrun .* -m adala (stage=align_features )?.*\.\.\.$", fill(STAGE_S2, torchrun_check)),
     Rule(r"sbatch stage2\.sh \.\.\.$", fill(r"sbatch slurm/stage2\.sh model=", after(r"adala slurm-script stage2 > stage2\.sh", sbatch_check))),
@@ -530,6 +612,10 @@ RULES = (
     Rule(r"python launchers/ray_sweep\.py --address .* \.\.\.$",  # the ... : the other Stage-3 tasks' data
          fill_with(tuple(f"'{task}:data.{split}=\"...\"'" for task in ("ade20k", "cityscapes") for split in ("train", "val")),
                    without_slurm(as_written(extra=("--dry-run",), stdout="dry run")))),
+    Rule(r"python launchers/submit\.py --local .*--attentions ", local_comparison, ("slow",)),  # tiny sizes
+    Rule(r"python launchers/ray_sweep\.py --demo .*--attentions ",
+         as_written(extra=(*DEMO_TINY, "demo.samples_per_shard=32", "--dry-run"),
+                    stdout=r"demo_tiny/performer/baseline_cls")),
     Rule(r"python launchers/(submit|ray_sweep)\.py (?!--demo)",
          without_slurm(as_written(extra=("--dry-run",), stdout="dry run"))),
     Rule(r"python launchers/ray_sweep\.py --demo --dry-run$", as_written(stdout="dry run")),

@@ -13,7 +13,7 @@ weights for that loss.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,7 +21,6 @@ from torch import nn
 from adala.attention.features import accumulation_dtype, feature_attention, feature_weights
 from adala.attention.linear import _autocast_off
 from adala.attention.plug import AttentionPlug
-from adala.attention.plug_state import fit_plug_tensors
 from adala.attention.registry import register
 from adala.attention.settings import positive_int
 
@@ -54,6 +53,8 @@ class HedgehogFeatureMap(nn.Module):
 class FeatureMapPlug(AttentionPlug):
     """Shared by the plugs with Hedgehog maps: ``feature_map_q`` and ``feature_map_k``, sized by ``feature_dim``."""
 
+    shapes_follow_settings = True  # weights with another feature_dim load into a plug built with the default
+
     def build_plug_parameters(self, device: Any = None, dtype: Any = None) -> None:
         dim = self.settings["feature_dim"]
         positive_int(self.name, "feature_dim", dim)
@@ -67,10 +68,6 @@ class FeatureMapPlug(AttentionPlug):
     def features(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """φ(Q), φ(K) in fp32 (fp64 for fp64 inputs)."""
         return self.feature_map_q(q), self.feature_map_k(k)
-
-    def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
-        fit_plug_tensors(self, state_dict, prefix)  # weights with another feature_dim
-        super()._load_from_state_dict(state_dict, prefix, *args)
 
 
 @register

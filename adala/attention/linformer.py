@@ -27,7 +27,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from adala.attention.plug import AttentionPlug
-from adala.attention.plug_state import fit_plug_tensors
 from adala.attention.registry import register
 from adala.attention.segments import segment_matrix
 from adala.attention.settings import positive_int
@@ -43,6 +42,7 @@ class LinformerAttention(AttentionPlug):
     defaults = {"k": 256, "grid": [14, 14]}
     stage1_trainable = ("qkv", *PROJECTIONS)
     subquadratic = True
+    shapes_follow_settings = True  # E and F as trained: their k and grid come in plug_config
 
     def build_plug_parameters(self, device: Any = None, dtype: Any = None) -> None:
         positive_int(self.name, "k", self.settings["k"])
@@ -82,9 +82,3 @@ class LinformerAttention(AttentionPlug):
         keys = torch.cat([k[..., :prefix, :], e @ k[..., prefix:, :]], dim=-2)
         values = torch.cat([v[..., :prefix, :], f @ v[..., prefix:, :]], dim=-2)
         return F.scaled_dot_product_attention(q, keys, values, dropout_p=self.attn_drop if self.training else 0.0)
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs) -> None:
-        fit_plug_tensors(self, state_dict, prefix)  # E and F as trained: their k and grid come in plug_config
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)

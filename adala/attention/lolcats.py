@@ -20,7 +20,8 @@ No N×N tensor: patch queries are processed in side × side tiles, each against 
 plus the prefix keys; the linear part is the Hedgehog state over all keys minus the window's share, so the cost is
 O(N · (2·side)² · (d + features)) for the window and O(N · d · features) for the rest. LoLCATS trains the feature maps and the
 window factors in its attention transfer, by MSE of the per-head outputs (:meth:`mix`) against softmax
-attention's (Stage 1's defaults here: trains ``feature_map`` and ``window_factor``, objective ``head_outputs``).
+attention's (Stage 1's defaults here: trains ``feature_map`` and ``window_factor``, objective ``head_outputs``),
+then tunes rank-8 LoRA adapters (α 16) on ``qkv`` and ``proj``: the stages after Stage 1 default to them.
 """
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ class LolcatsAttention(FeatureMapPlug):
     defaults = {"feature_dim": 64, "window": 64}
     stage1_trainable = ("feature_map", "window_factor")
     stage1_objective = "head_outputs"
+    finetune_lora = (8, 16.0)
     subquadratic = True
 
     def build_plug_parameters(self, device: Any = None, dtype: Any = None) -> None:

@@ -27,7 +27,6 @@ import torch
 from adala.attention.features import accumulation_dtype, feature_attention, feature_weights
 from adala.attention.linear import _autocast_off
 from adala.attention.plug import AttentionPlug
-from adala.attention.plug_state import fit_plug_tensors
 from adala.attention.registry import register
 from adala.attention.settings import positive_int
 
@@ -61,6 +60,7 @@ class PerformerAttention(AttentionPlug):
     defaults = {"num_features": None, "redraw_interval": 1000, "seed": 0}
     stage1_trainable = ("qkv",)
     subquadratic = True
+    shapes_follow_settings = True  # weights with another num_features
 
     def build_plug_parameters(self, device: Any = None, dtype: Any = None) -> None:
         positive_int(self.name, "num_features", self.settings["num_features"], optional=True)
@@ -126,7 +126,6 @@ class PerformerAttention(AttentionPlug):
             return feature_weights(self.features(q, True), self.features(k, False))
 
     def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
-        fit_plug_tensors(self, state_dict, prefix)  # weights with another num_features
         super()._load_from_state_dict(state_dict, prefix, *args)
         for name, host in (("projection_draws", "_draws"), ("forwards_since_draw", "_since")):
             stored = state_dict.get(prefix + name)

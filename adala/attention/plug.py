@@ -10,7 +10,11 @@ maps, projections, convolutions) sit beside them under names of its own. Subclas
 - ``stage1_trainable``: prefixes of the parameter names that attention alignment (Stage 1) trains;
 - ``stage1_objective``: the loss Stage 1 uses unless ``stage.objective`` says otherwise (``output``: AdaLA's;
   ``attention_scores``: Hedgehog's distillation; ``head_outputs``: LoLCATS' per-head transfer);
+- ``finetune_lora``: the LoRA (rank, α) the plug's recipe trains the stages after attention transfer with, used
+  when ``stage.lora`` is unset (LoLCATS: (8, 16.0)); None (the default): those stages train in full;
 - ``subquadratic``: True when no N×N tensor is formed (linear or N^1.5 cost);
+- ``shapes_follow_settings``: True when the shapes of the plug's own tensors depend on its settings (feature
+  counts, projection sizes): loading a state dict first gives them the stored shapes (see below);
 
 and implement :meth:`mix`, the token mixing of per-head queries, keys and values, plus :meth:`reset_plug_parameters`
 when the plug has parameters of its own.
@@ -18,7 +22,9 @@ when the plug has parameters of its own.
 Every plug stores its name and settings, and the token layout it was set up for, as JSON in one persistent
 uint8 buffer (``plug_config``). So a converted model's state dict has keys a softmax model lacks (strict loading
 into softmax attention fails instead of computing something else), and loading a state dict restores the
-settings the weights were trained with.
+settings the weights were trained with. A plug with ``shapes_follow_settings`` also takes the stored shapes of its
+own tensors, so one built with the defaults loads weights trained with other settings; timm's tensors (qkv, norms,
+proj) keep theirs, and a mismatch there, or in any tensor of another plug, still fails a strict load.
 
 Token layout: ViTs put ``num_prefix_tokens`` class and register tokens before the patch tokens, which lie on a
 ``grid`` of rows × columns. Plugs that need either (token positions, landmarks, depthwise convolutions on the
@@ -28,6 +34,7 @@ a model, and a model-level hook keeps the grid current for each input size.
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 from typing import Any, Callable, ClassVar, Optional
@@ -37,6 +44,7 @@ from torch import nn
 
 PLUG_BUFFER = "plug_config"
 PLUG_BUFFER_BYTES = 512  # fixed size, so every plug's buffer has one shape
+TIMM_TENSORS = ("qkv.", "q_norm.", "k_norm.", "norm.", "proj.")  # name prefixes of timm's tensors in a plug
 
 
 def encode_json(config: dict[str, Any], size: int, device: Optional[torch.device | str] = None) -> torch.Tensor:
@@ -65,7 +73,9 @@ class AttentionPlug(nn.Module):
     defaults: ClassVar[dict[str, Any]] = {}
     stage1_trainable: ClassVar[tuple[str, ...]] = ("qkv",)
     subquadratic: ClassVar[bool] = True
+    shapes_follow_settings: ClassVar[bool] = False  # own tensors sized by settings: loading resizes them (module doc)
     stage1_objective: ClassVar[str] = "output"  # Stage 1's default loss: output | head_outputs | attention_scores
+    finetune_lora: ClassVar[Optional[tuple[int, float]]] = None  # the recipe's LoRA (rank, α) after Stage 1
     config_buffer: ClassVar[str] = PLUG_BUFFER  # the persistent buffer holding :attr:`config` (see the module doc)
 
     def __init__(
@@ -221,8 +231,19 @@ class AttentionPlug(nn.Module):
                 self.settings, self.num_prefix_tokens = self._decoded_config(stored)
             except ValueError as err:
                 error_msgs.append(f"{prefix}{self.config_buffer}: {err}")
+        if self.shapes_follow_settings:
+            self._fit_own_tensors(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+
+    def _fit_own_tensors(self, state_dict: dict[str, Any], prefix: str) -> None:
+        """Resize (in place, keeping each Parameter object) the plug's own tensors whose stored shape differs."""
+        for name, tensor in itertools.chain(self.named_parameters(), self.named_buffers()):
+            if name.startswith(TIMM_TENSORS) or name == self.config_buffer:
+                continue
+            stored = state_dict.get(prefix + name)
+            if isinstance(stored, torch.Tensor) and not stored.is_meta and stored.shape != tensor.shape:
+                tensor.data = torch.empty(stored.shape, dtype=tensor.dtype, device=tensor.device)
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
         # timm blocks always pass these two arguments; ViT attention is bidirectional and unmasked.

@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import sys
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -12,6 +14,7 @@ import torch.distributed as dist
 log = logging.getLogger(__name__)
 
 _created_here = False  # a group a launcher set up (Ray Train) is the launcher's to end
+_joined_launched_group = False  # this process is one rank of a torchrun launch (see exit_process)
 
 
 def launched_world_size() -> int:
@@ -22,7 +25,7 @@ def launched_world_size() -> int:
 def init_process_group(device: torch.device, *, required: bool = False, timeout_s: int = 1800) -> None:
     """Join the launcher's process group: nccl on CUDA, gloo on CPU. A plain single process gets a one-rank
     group on loopback only when ``required`` (FSDP and DeepSpeed always work through one)."""
-    global _created_here
+    global _created_here, _joined_launched_group
     if dist.is_initialized():
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
@@ -32,7 +35,7 @@ def init_process_group(device: torch.device, *, required: bool = False, timeout_
             _created_here = True
         return
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
-    _created_here = True
+    _created_here = _joined_launched_group = True
     log.info("rank %d of %d joined the %s process group", dist.get_rank(), dist.get_world_size(), backend)
 
 
@@ -83,3 +86,16 @@ def destroy_process_group() -> None:
     if _created_here and dist.is_initialized():
         dist.destroy_process_group()
     _created_here = False
+
+
+def exit_process(code: int) -> NoReturn:
+    """End this process with ``code``. A rank of a torchrun launch leaves through ``os._exit`` once its output is
+    flushed: FSDP2's device mesh keeps the process group alive past :func:`destroy_process_group`, and the group's
+    gloo worker threads then race the interpreter's finalisation, which now and then aborts a rank whose run had
+    finished ("terminate called without an active exception", SIGABRT), failing the whole launch."""
+    if not _joined_launched_group:
+        sys.exit(code)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

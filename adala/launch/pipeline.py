@@ -76,10 +76,16 @@ class Job:
     after: list["Job"] = field(default_factory=list)
     task: Optional[str] = None  # Stage 3: the task it trains
     variant: Optional[str] = None  # Stage 3: its row of the ablation
+    attention: Optional[str] = None  # the plug of an attention comparison's job; None: the model's own pipeline
+
+    @property
+    def pipeline(self) -> str:
+        """The pipeline the job belongs to: its model's, or one attention's of a model in a comparison."""
+        return self.model if self.attention is None else f"{self.model}/{self.attention}"
 
     @property
     def name(self) -> str:
-        return f"{self.model}/{self.step}"
+        return f"{self.pipeline}/{self.step}"
 
     @property
     def export(self) -> Path:

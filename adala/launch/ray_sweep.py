@@ -4,6 +4,11 @@
     adala-ray-sweep --demo                         # the two demo models, on a local Ray cluster
     adala-ray-sweep --models dinov2_l clip_l --address auto \\
         dinov2_l:model.weights=/weights/dinov2_vitl14.pth clip_l:model.weights=/weights/clip_vitl14.bin
+    adala-ray-sweep --demo --models demo_tiny --attentions elu1,performer   # the attention comparison
+
+With ``--attentions`` the sweep is the attention comparison on one model (:mod:`adala.launch.comparison`): every
+plug's pipeline (its paper protocol and AdaLA's stages) and the softmax reference, one pipeline each, and it ends
+with the Table-1-shaped ``compare.md`` / ``compare.json`` of :mod:`adala.compare` in the root.
 
 Every stage job is a Ray Train ``TorchTrainer`` run with ``--workers`` workers; models run side by side where the
 cluster has room. Overrides (``key=value``, ``SCOPE:key=value``, ``MODEL:STEP:key=value``) may appear anywhere on the
@@ -33,6 +38,7 @@ HINT = """{prog}: nothing to run; try the built-in demo, or name models with the
 
 
 def parser(command: str = COMMAND) -> argparse.ArgumentParser:
+    from adala.launch.comparison import attention_list
     from adala.launch.pipeline import DEFAULT_MODELS, DEMO_MODELS
 
     p = argparse.ArgumentParser(
@@ -57,7 +63,11 @@ def parser(command: str = COMMAND) -> argparse.ArgumentParser:
     p.add_argument("--address", help="join the Ray cluster at HOST:PORT (auto: the one on this machine); "
                                      "default: start a local one")
     p.add_argument("--max-failures", type=int, default=2, help="worker-group restarts per stage run (%(default)s)")
-    p.add_argument("--parallel", type=int, help="models at a time (default: as many as the cluster holds)")
+    p.add_argument("--parallel", type=int, help="pipelines (models, or a comparison's attentions) at a time "
+                                                   "(default: as many as the cluster holds)")
+    p.add_argument("--attentions", type=attention_list, metavar="A,B,...",
+                   help="the attention comparison on one model: these plugs' protocols and the softmax reference, "
+                        "then compare.md in the root")
     p.add_argument("--demo", action="store_true", help="the built-in demo's data, teacher and recipe")
     p.add_argument("--dry-run", action="store_true", help="validate every job and print the job graph; start nothing")
     return p
@@ -73,12 +83,18 @@ def parse(argv: Sequence[str], command: str = COMMAND) -> tuple[argparse.Namespa
 
 
 def plan_sweep(args: argparse.Namespace, overrides: list[str]) -> list[Job]:
-    """Every job of every model's pipeline, composed and validated; nothing has started yet."""
+    """Every job of every model's pipeline (or of the attention comparison), composed and validated; nothing has
+    started yet."""
+    from adala.launch.comparison import comparison_jobs, plan_launch
     from adala.launch.pipeline import DEFAULT_MODELS, DEMO_MODELS, plan, validate_jobs
 
     models = args.models or (DEMO_MODELS if args.demo else DEFAULT_MODELS)
-    jobs = plan(models, Path(args.root).resolve(), tasks=args.tasks,
-                overrides=[f"strategy={args.strategy}", *overrides], demo=args.demo)
+    root, overrides = Path(args.root).resolve(), [f"strategy={args.strategy}", *overrides]
+    if args.attentions is not None:
+        jobs = comparison_jobs(plan_launch(args.models or models[:1], args.attentions, root, tasks=args.tasks,
+                                           overrides=overrides, demo=args.demo))
+    else:
+        jobs = plan(models, root, tasks=args.tasks, overrides=overrides, demo=args.demo)
     validate_jobs(jobs, world_size=args.workers)
     return jobs
 
@@ -87,17 +103,20 @@ def sweep(args: argparse.Namespace, jobs: list[Job]) -> bool:
     """Run every model's pipeline on the cluster, write and print the results; True when all completed."""
     from adala.launch.ray_train import (Workers, alive_nodes, check_capacity, cluster_has_gpus, connect, run_job,
                                         run_models)
+    from adala.launch.comparison import write_record
     from adala.launch.results import collect, markdown_table, write_results
 
     root = Path(args.root).resolve()
+    if args.attentions is not None:
+        write_record(root, jobs)
     with connect(args.address) as cluster:
         use_gpu = cluster_has_gpus(cluster) if args.gpu is None else args.gpu
         workers = Workers(args.workers, use_gpu=use_gpu, cpus_per_worker=args.cpus_per_worker,
                           placement=args.placement)
         check_capacity(workers, cluster)
-        models = len({j.model for j in jobs})
-        parallel = args.parallel or max(1, min(models, workers.runs_that_fit(cluster)))
-        say(f"{models} model(s), {parallel} at a time; {workers.count} workers per run "
+        pipelines = len({j.pipeline for j in jobs})
+        parallel = args.parallel or max(1, min(pipelines, workers.runs_that_fit(cluster)))
+        say(f"{pipelines} pipeline(s), {parallel} at a time; {workers.count} workers per run "
             f"({'GPU' if use_gpu else 'CPU'}, {args.placement}), strategy={args.strategy}, {alive_nodes()} node(s)")
         runner = partial(run_job, workers=workers, storage=root / "ray", max_failures=args.max_failures)
         outcomes = run_models(jobs, runner, parallel=parallel, report=say)
@@ -105,7 +124,12 @@ def sweep(args: argparse.Namespace, jobs: list[Job]) -> bool:
     table, data = write_results(root, results)
     print(markdown_table(results), flush=True)
     say(f"results written to {table} and {data}")
-    return all(o.failure is None for o in outcomes.values())
+    completed = all(o.failure is None for o in outcomes.values())
+    if args.attentions is not None and completed:
+        from adala.compare import report_runs
+
+        report_runs(root)
+    return completed
 
 
 def say(line: str) -> None:

@@ -5,9 +5,10 @@ set up. The job's overrides carry ``resume=auto``, so when a worker dies and Ray
 (``FailureConfig(max_failures)``), the new workers continue from the latest complete checkpoint in the job's run
 directory: adala's own checkpoints, not Ray's.
 
-Each model's jobs run one after another in a driver thread of their own; the threads share the cluster, and a
-model whose job fails skips the jobs that need it without stopping the other models. Ray is imported inside the
-functions that use it.
+Each pipeline's jobs (a model's, or one attention's in an attention comparison) run one after another in a driver
+thread of their own; the threads share the cluster, and a pipeline whose job fails skips the jobs that need it
+without stopping the others. A job may need a job of an earlier pipeline (a comparison's demo teacher); its thread
+waits for that one to end. Ray is imported inside the functions that use it.
 """
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ class JobOutcome:
 
 @dataclass
 class ModelOutcome:
-    model: str
+    model: str  # the pipeline (:attr:`Job.pipeline`): a model, or MODEL/ATTENTION in a comparison
     jobs: list[JobOutcome] = field(default_factory=list)
 
     @property
@@ -133,7 +134,7 @@ def run_job(job: Job, workers: Workers, *, storage: Path, max_failures: int) -> 
         train_loop_config={"overrides": overrides, "cwd": os.getcwd()},
         scaling_config=ScalingConfig(num_workers=workers.count, use_gpu=workers.use_gpu,
                                      resources_per_worker=workers.per_worker, placement_strategy=workers.placement),
-        run_config=RunConfig(name=f"{job.model}-{job.step}", storage_path=str(storage),
+        run_config=RunConfig(name=job.name.replace("/", "-"), storage_path=str(storage),
                              failure_config=FailureConfig(max_failures=max_failures)),
     )
     trainer.fit()
@@ -142,37 +143,56 @@ def run_job(job: Job, workers: Workers, *, storage: Path, max_failures: int) -> 
 Runner = Callable[[Job], None]
 
 
-def run_model(jobs: Sequence[Job], runner: Runner, report: Callable[[str], None] = print) -> ModelOutcome:
-    """One model's jobs in order; a job whose dependency did not complete is skipped, the others still run."""
-    outcome = ModelOutcome(model=jobs[0].model)
-    done: set[str] = set()
+def run_model(jobs: Sequence[Job], runner: Runner, report: Callable[[str], None] = print,
+              ended: Optional[dict[str, threading.Event]] = None, done: Optional[set[str]] = None) -> ModelOutcome:
+    """One pipeline's jobs in order; a job whose dependency did not complete is skipped, the others still run.
+
+    ``ended`` and ``done`` are shared with the other pipelines' threads: the event of every job, set when it has
+    ended, and the names of the jobs that completed; a dependency of another pipeline is waited for.
+    """
+    outcome = ModelOutcome(model=jobs[0].pipeline)
+    done = set() if done is None else done
     for job in jobs:
-        missing = [dep.name for dep in job.after if dep.name not in done]
-        if missing:
-            reason = f"needs {missing[0]}, which did not complete"
-            report(f"{job.name}: skipped: {reason}")
-            outcome.jobs.append(JobOutcome(job.name, "skipped", reason))
-            continue
-        report(f"{job.name}: started")
         try:
-            runner(job)
-        except Exception as err:  # a failed job is reported in the results, and the other models go on
-            reason = one_line(err)
-            report(f"{job.name}: failed: {reason}")
-            outcome.jobs.append(JobOutcome(job.name, "failed", reason))
-            continue
-        report(f"{job.name}: completed")
-        done.add(job.name)
-        outcome.jobs.append(JobOutcome(job.name, "completed"))
+            for dep in job.after:
+                if ended is not None and dep.name in ended:
+                    ended[dep.name].wait()
+            _run_one(job, runner, report, outcome, done)
+        finally:
+            if ended is not None:
+                ended[job.name].set()
     return outcome
+
+
+def _run_one(job: Job, runner: Runner, report: Callable[[str], None], outcome: ModelOutcome, done: set[str]) -> None:
+    missing = [dep.name for dep in job.after if dep.name not in done]
+    if missing:
+        reason = f"needs {missing[0]}, which did not complete"
+        report(f"{job.name}: skipped: {reason}")
+        outcome.jobs.append(JobOutcome(job.name, "skipped", reason))
+        return
+    report(f"{job.name}: started")
+    try:
+        runner(job)
+    except Exception as err:  # a failed job is reported in the results, and the other pipelines go on
+        reason = one_line(err)
+        report(f"{job.name}: failed: {reason}")
+        outcome.jobs.append(JobOutcome(job.name, "failed", reason))
+        return
+    report(f"{job.name}: completed")
+    done.add(job.name)
+    outcome.jobs.append(JobOutcome(job.name, "completed"))
 
 
 def run_models(jobs: Sequence[Job], runner: Runner, *, parallel: int,
                report: Callable[[str], None] = print) -> dict[str, ModelOutcome]:
-    """Every model's pipeline, ``parallel`` models at a time (one driver thread each); keyed by model."""
+    """Every pipeline, ``parallel`` at a time (one driver thread each, started in the order of ``jobs``, so a
+    dependency on an earlier pipeline is always running or done); keyed by :attr:`Job.pipeline`."""
     by_model: dict[str, list[Job]] = {}
     for job in jobs:
-        by_model.setdefault(job.model, []).append(job)
+        by_model.setdefault(job.pipeline, []).append(job)
+    ended = {job.name: threading.Event() for job in jobs}
+    done: set[str] = set()
     lock = threading.Lock()
 
     def locked_report(line: str) -> None:
@@ -181,7 +201,7 @@ def run_models(jobs: Sequence[Job], runner: Runner, *, parallel: int,
 
     pool = ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="ray-sweep")
     try:
-        futures = {model: pool.submit(run_model, model_jobs, runner, locked_report)
+        futures = {model: pool.submit(run_model, model_jobs, runner, locked_report, ended, done)
                    for model, model_jobs in by_model.items()}
         return {model: future.result() for model, future in futures.items()}
     finally:  # on Ctrl-C, return at once: disconnecting from Ray then ends the running trainers

@@ -1,4 +1,5 @@
-"""A sweep's results, one row per model: the final loss of every stage, Stage-3 top-1 / mIoU, and the status.
+"""A sweep's results, one row per pipeline (a model's, or one attention's of a model in an attention comparison):
+the final loss of every stage, Stage-3 top-1 / mIoU, and the status.
 
 Everything is read back from the run directories (``log.jsonl``, ``metrics.json``), so a table can be rebuilt
 from a sweep's root at any time; ``results.md`` and ``results.json`` are written atomically.
@@ -22,6 +23,7 @@ METRIC_TITLES = {"top1": "top-1", "miou": "mIoU"}
 class ModelResult:
     model: str
     status: str  # "completed", or "failed: <job>: <why>"
+    attention: Optional[str] = None  # the plug of an attention comparison's pipeline
     losses: dict[str, Optional[float]] = field(default_factory=dict)  # step -> final loss
     metrics: dict[str, dict[str, Optional[float]]] = field(default_factory=dict)  # Stage-3 task -> {metric: value}
 
@@ -51,10 +53,12 @@ def task_metric(job: Job) -> dict[str, Optional[float]]:
 
 
 def collect(jobs: Sequence[Job], statuses: Mapping[str, str]) -> list[ModelResult]:
-    """One result per model, in the order of ``jobs``; ``statuses`` maps a model to its status line."""
+    """One result per pipeline (:attr:`Job.pipeline`), in the order of ``jobs``; ``statuses`` maps a pipeline to
+    its status line."""
     results: dict[str, ModelResult] = {}
     for job in jobs:
-        result = results.setdefault(job.model, ModelResult(job.model, statuses.get(job.model, "not run")))
+        result = results.setdefault(job.pipeline, ModelResult(job.model, statuses.get(job.pipeline, "not run"),
+                                                              job.attention))
         result.losses[job.step] = final_loss(job.run_dir)
         if job.task is not None:  # a Stage-3 task (the demo's teacher is evaluated too, but is no result)
             result.metrics[job.step] = task_metric(job)
@@ -62,14 +66,18 @@ def collect(jobs: Sequence[Job], statuses: Mapping[str, str]) -> list[ModelResul
 
 
 def markdown_table(results: Sequence[ModelResult]) -> str:
-    """A markdown table: one row per model, a column per stage's final loss and per Stage-3 metric."""
+    """A markdown table: one row per pipeline, a column per stage's final loss and per Stage-3 metric (and the
+    attention, for a comparison's pipelines)."""
     steps = list(dict.fromkeys(step for r in results for step in r.losses))
     metrics = list(dict.fromkeys((task, name) for r in results for task, names in r.metrics.items() for name in names))
-    header = ["VFM", *(f"{step} loss" for step in steps), *(f"{task} {METRIC_TITLES[name]}" for task, name in metrics),
-              "status"]
-    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(steps) + len(metrics)) + "---|"]
+    attention = any(r.attention is not None for r in results)
+    header = ["VFM", *(["attention"] if attention else []), *(f"{step} loss" for step in steps),
+              *(f"{task} {METRIC_TITLES[name]}" for task, name in metrics), "status"]
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "---|" * (1 + attention) + "---:|" * (len(steps) + len(metrics)) + "---|"]
     for r in results:
-        cells = [f"`{r.model}`", *(_loss(r.losses.get(step)) for step in steps),
+        cells = [f"`{r.model}`", *([r.attention or "–"] if attention else []),
+                 *(_loss(r.losses.get(step)) for step in steps),
                  *(_percent(r.metrics.get(task, {}).get(name)) for task, name in metrics), r.status.replace("|", "\\|")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

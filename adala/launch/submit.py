@@ -6,6 +6,8 @@ models to SLURM with submitit, and show how it is going.
         's1:data.train="/data/coco/train-{000000..000118}.tar"' 's2:data.train="/data/in22k/train-{000000..014197}.tar"' \\
         'in1k:data.train="/data/in1k/train-{0000..1023}.tar"' 'in1k:data.val="/data/in1k/val-{0000..0063}.tar"' ...
     adala-submit --demo                  # the built-in demo pipeline, for two demo models
+    adala-submit --models dinov2_l --attentions elu1,performer ...   # the attention comparison on one model
+    adala-submit --local ...             # run the jobs on this machine (submitit's local executor) and wait
     adala-submit ... --dry-run           # print the job graph; submit nothing
     adala-submit status [--root DIR]     # each job's state and latest checkpoint
 
@@ -14,11 +16,19 @@ own run directory under ``--root``; Stage 1 reads COCO and Stage 2 ImageNet-22K 
 apply to every job; ``SCOPE:key=value`` to one model's jobs or one step's (s1, s2, s3, or a task: in1k, ade20k,
 cityscapes); ``MODEL:STEP:key=value`` to one step of one model (dinov2_l:s2:...); more scopes win. Every job is
 validated before anything is submitted.
+
+With ``--attentions a,b,...`` the jobs are the attention comparison on one model (:mod:`adala.launch.comparison`):
+every plug's pipeline and the softmax reference, under ``--root/<attention>/``, with the plan left in the root for
+``adala compare --runs ROOT``, which writes the Table-1-shaped ``compare.md`` once the jobs are done. With
+``--local`` the jobs run on this machine through submitit's local executor, each as soon as the jobs it needs have
+completed; the command waits for them and writes ``results.md`` (and, for a comparison, ``compare.md``).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -27,6 +37,7 @@ from typing import Optional, Sequence
 from adala.errors import UserError, require_extra
 from adala.files import write_text_atomic
 from adala.launch import pipeline, slurm
+from adala.launch.comparison import attention_list, check_attentions, comparison_jobs, plan_launch, write_record
 
 DEFAULT_MINUTES = {"teacher": 60, "s1": 8 * 60, "s2": 24 * 60, "s3": 12 * 60}
 RECORD = "pipeline.json"
@@ -45,6 +56,11 @@ def parse(argv: Sequence[str], command: str) -> argparse.Namespace:
     parser.add_argument("--tasks", nargs="+", help=f"Stage-3 tasks, default: {' '.join(pipeline.DEFAULT_TASKS)}")
     parser.add_argument("--root", default="runs/pipeline", help="run directories and submitit logs go here")
     parser.add_argument("--demo", action="store_true", help="the built-in demo data, a teacher job and demo sizes")
+    parser.add_argument("--attentions", type=attention_list, metavar="A,B,...",
+                        help="the attention comparison on one model: these plugs' protocols and the softmax reference")
+    parser.add_argument("--local", action="store_true",
+                        help="run the jobs on this machine (submitit's local executor, one node), wait for them and "
+                             "write the results")
     parser.add_argument("--dry-run", action="store_true", help="validate and print the job graph; submit nothing")
     parser.add_argument("--partition", help="default: the cluster's default partition")
     parser.add_argument("--nodes", type=int, default=1)
@@ -83,16 +99,27 @@ def submit(args: argparse.Namespace, command: str) -> int:
     models = args.models or (pipeline.DEMO_MODELS if args.demo else pipeline.DEFAULT_MODELS)
     minutes = _minutes(args.time)
     tasks_per_node = args.tasks_per_node or max(1, args.gpus_per_node)
+    if args.attentions is not None:
+        check_attentions(args.attentions)
     if not args.dry_run:
         require_extra("submitit", "submitting the pipeline")
-    if slurm.available():
+    if args.local:
+        if args.nodes != 1:
+            raise UserError(f"--local runs every job on this machine: one node, not --nodes {args.nodes}")
+    elif slurm.available():
         part = slurm.partition(args.partition)
         slurm.check_request(part, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
                             cpus_per_node=tasks_per_node * args.cpus_per_task)
     elif not args.dry_run:
-        raise UserError("no SLURM commands here (sinfo not found); submit from a login node, or use --dry-run")
-    _refuse_if_running(root)
-    jobs = pipeline.plan(models, root, tasks=args.tasks, overrides=args.overrides, demo=args.demo)
+        raise UserError("no SLURM commands here (sinfo not found); submit from a login node, run here with --local, "
+                        "or use --dry-run")
+    if not args.local:
+        _refuse_if_running(root)
+    if args.attentions is not None:
+        jobs = comparison_jobs(plan_launch(args.models or models[:1], args.attentions, root, tasks=args.tasks,
+                                           overrides=args.overrides, demo=args.demo))
+    else:
+        jobs = pipeline.plan(models, root, tasks=args.tasks, overrides=args.overrides, demo=args.demo)
     pipeline.validate_jobs(jobs, world_size=args.nodes * tasks_per_node)
     resources = (f"{args.nodes} node(s) x {tasks_per_node} rank(s), {args.gpus_per_node} GPU(s) and "
                  f"{args.cpus_per_task * tasks_per_node} CPUs per node")
@@ -100,6 +127,10 @@ def submit(args: argparse.Namespace, command: str) -> int:
         print(f"dry run: {len(jobs)} jobs, each on {resources}; nothing submitted")
         print(_graph(jobs, minutes))
         return 0
+    if args.attentions is not None:
+        write_record(root, jobs)
+    if args.local:
+        return _run_local(jobs, root, args, tasks_per_node, minutes)
     ids = _submit_all(jobs, root, args, tasks_per_node, minutes)
     record = {"submitted": time.strftime("%Y-%m-%dT%H:%M:%S"), "resources": resources,
               "jobs": [{"name": j.name, "id": ids[j.name], "stage": j.stage, "run_dir": str(j.run_dir),
@@ -107,26 +138,109 @@ def submit(args: argparse.Namespace, command: str) -> int:
     write_text_atomic(root / RECORD, json.dumps(record, indent=2) + "\n")
     print(_graph(jobs, minutes, ids))
     print(f"submitted {len(jobs)} jobs; follow them with: {command} status --root {args.root}")
+    if args.attentions is not None:
+        print(f"when they are done, the comparison's report: adala compare --runs {args.root}")
     return 0
 
 
 def _submit_all(jobs, root: Path, args: argparse.Namespace, tasks_per_node: int, minutes: dict[str, int]) -> dict[str, str]:
-    import submitit
-
     from adala.launch.submitit_job import StageJob
 
     ids: dict[str, str] = {}
     for job in jobs:
-        executor = submitit.AutoExecutor(folder=root / "submitit" / "%j", slurm_max_num_timeout=100)
         dependency = {"slurm_dependency": "afterok:" + ":".join(ids[a.name] for a in job.after)} if job.after else {}
-        executor.update_parameters(
-            name=f"adala-{job.model}-{job.step}", nodes=args.nodes, tasks_per_node=tasks_per_node,
-            gpus_per_node=args.gpus_per_node or None, cpus_per_task=args.cpus_per_task, mem_gb=args.mem_gb,
-            timeout_min=_limit(minutes, job.step), slurm_partition=args.partition,
-            slurm_signal_delay_s=args.signal_delay, slurm_additional_parameters={"requeue": True}, **dependency,
-        )
+        executor = _executor(job, root, args, tasks_per_node, minutes, cluster=None, **dependency)
         ids[job.name] = executor.submit(StageJob(job.overrides)).job_id
     return ids
+
+
+def _executor(job, root: Path, args: argparse.Namespace, tasks_per_node: int, minutes: dict[str, int], *,
+              cluster: Optional[str], **extra: str):
+    """A submitit executor for ``job``: SLURM's (``cluster`` None, where SLURM is) or the ``local`` one."""
+    import submitit
+
+    executor = submitit.AutoExecutor(folder=root / "submitit" / "%j", cluster=cluster, slurm_max_num_timeout=100)
+    executor.update_parameters(
+        name="adala-" + job.name.replace("/", "-"), nodes=args.nodes, tasks_per_node=tasks_per_node,
+        gpus_per_node=args.gpus_per_node or None, cpus_per_task=args.cpus_per_task, mem_gb=args.mem_gb,
+        timeout_min=_limit(minutes, job.step), slurm_partition=args.partition,
+        slurm_signal_delay_s=args.signal_delay, slurm_additional_parameters={"requeue": True}, **extra,
+    )
+    return executor
+
+
+def _run_local(jobs, root: Path, args: argparse.Namespace, tasks_per_node: int, minutes: dict[str, int]) -> int:
+    """Run ``jobs`` through submitit's local executor, each once the jobs it needs have completed, as many at once
+    as this machine's CPUs hold; then the results (and the comparison's report). 0 when every job completed."""
+    from adala.launch.results import collect, markdown_table, write_results
+    from adala.launch.submitit_job import StageJob
+
+    at_once = max(1, (os.cpu_count() or 1) // (args.cpus_per_task * tasks_per_node))
+
+    def start(job):
+        return _executor(job, root, args, tasks_per_node, minutes, cluster="local").submit(StageJob(job.overrides))
+
+    ended = _run_in_order(jobs, start, at_once)
+    statuses = {job.pipeline: "completed" for job in jobs}  # or the first job that did not complete, and why
+    for job in reversed(jobs):
+        if ended[job.name] != "completed":
+            kind, why = ended[job.name].split(": ", 1)
+            statuses[job.pipeline] = f"{kind}: {job.name}: {why}"
+    results = collect(jobs, statuses)
+    table, data = write_results(root, results)
+    print(markdown_table(results), flush=True)
+    print(f"results written to {table} and {data}", flush=True)
+    completed = all(state == "completed" for state in ended.values())
+    if args.attentions is not None and completed:
+        from adala.compare import report_runs
+
+        report_runs(root)
+    return 0 if completed else 1
+
+
+def _run_in_order(jobs, start, at_once: int) -> dict[str, str]:
+    """Start each job (``start``: its submitit job) once the jobs it needs have completed, at most ``at_once`` at a
+    time, and wait for all; each job's name -> "completed", "failed: why" or "skipped: why". Ctrl-C cancels the
+    running jobs."""
+    ended: dict[str, str] = {}
+    running: dict[str, object] = {}  # job name -> its submitit job
+    waiting = list(jobs)
+    try:
+        while waiting or running:
+            for name, handle in list(running.items()):
+                if handle.done():
+                    error = handle.exception()
+                    ended[name] = "completed" if error is None else f"failed: {_failure(error)}"
+                    print(f"{name}: {ended[name]}", flush=True)
+                    del running[name]
+            for job in list(waiting):
+                states = [ended.get(dep.name) for dep in job.after]
+                if None in states or len(running) >= at_once:
+                    continue
+                waiting.remove(job)
+                failed = [dep.name for dep, state in zip(job.after, states) if state != "completed"]
+                if failed:
+                    ended[job.name] = f"skipped: needs {failed[0]}, which did not complete"
+                    print(f"{job.name}: {ended[job.name]}", flush=True)
+                    continue
+                running[job.name] = start(job)
+                print(f"{job.name}: started", flush=True)
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        for handle in running.values():
+            handle.cancel(check=False)
+        raise
+    return ended
+
+
+def _failure(error: BaseException) -> str:
+    """A failed submitit job in one line: the job's own error (the last line of the trace submitit passes on) and
+    where its log is."""
+    text = str(error)
+    parts = text.split("-" * 22)  # submitit's message: a header, the job's trace, the paths of its logs
+    lines = [line.strip() for line in (parts[1] if len(parts) > 2 else text).splitlines() if line.strip()]
+    logs = re.findall(r"- (\S+_log\.err)", text)
+    return (lines[-1] if lines else type(error).__name__) + (f" (log: {logs[0]})" if logs else "")
 
 
 def status(root: Path) -> int:

@@ -17,7 +17,7 @@ optimizer or a checkpoint.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,7 @@ from adala.errors import UserError
 from adala.models import linearize, save_export
 from adala.models.spec import plug_settings
 from adala.stages.common import FrozenModule, all_parameters, export_metadata, frozen_teacher, strip_prefix
+from adala.stages.task_model import backbone_of, build_student, check_task, export_state, stage1_student, task_of
 
 FIELDS = ("image",)
 STREAM = "resampled"  # how it reads its training data: see adala.data.pipeline
@@ -98,7 +99,10 @@ LOSSES: dict[str, Callable[[AttentionPlug, torch.Tensor, torch.Tensor], torch.Te
 
 class AttentionBranches(nn.Module):
     """One plug per aligned teacher block (keys: block indices, so state-dict keys are ``blocks.<i>.…``); only
-    each plug's ``stage1_trainable`` parameters train."""
+    each plug's ``stage1_trainable`` parameters train. With a ``predictor`` (the task route,
+    :mod:`adala.stages.task_model`), evaluation returns the student task model's predictions."""
+
+    predictor: Optional[Callable[[Batch], StepOutput]] = None
 
     def __init__(self, vit: nn.Module, attention: dict[str, Any], objective: str) -> None:
         super().__init__()
@@ -118,6 +122,8 @@ class AttentionBranches(nn.Module):
                 param.requires_grad_(name.startswith(plug.stage1_trainable))
 
     def forward(self, batch: Batch) -> StepOutput:
+        if not self.training and self.predictor is not None:
+            return self.predictor(batch)
         grid = tuple(self.feat_size(batch["image"].shape[-2:]))
         losses = []
         for branch, (x, target) in zip(self.blocks.values(), batch["target"]):
@@ -136,26 +142,38 @@ def objective_of(cfg: Any, attention: dict[str, Any]) -> str:
 
 
 def check(cfg: Any, attention: dict[str, Any]) -> None:
-    """What validation checks for this stage: an unknown ``stage.objective``."""
+    """What validation checks for this stage: an unknown ``stage.objective``, and the task model's head
+    (``stage.task_model``)."""
     objective_of(cfg, attention)
+    check_task(cfg)
 
 
 def build(cfg: Any, attention: dict[str, Any]) -> StageParts:
     """``attention``: the branches' plug and settings (a spec, normalised by validation)."""
     objective = objective_of(cfg, attention)
+    task = task_of(cfg)  # the task route: the teacher is a task model, the student keeps its head
     teacher = frozen_teacher(cfg.model)
     branches = AttentionBranches(teacher, attention, objective)
+    if task is not None:
+        branches.predictor = stage1_student(cfg, task, branches.blocks)
 
     def export(state: dict[str, torch.Tensor], path: Path, **metadata: Any) -> Path:
-        """The converted ViT: the teacher's weights with each aligned block's attention replaced by its branch."""
-        student = linearize(frozen_teacher(cfg.model), attention)
+        """The converted ViT (in the task route with the teacher's head): the teacher's weights with each aligned
+        block's attention replaced by its branch."""
+        if task is None:
+            student = linearize(frozen_teacher(cfg.model), attention)
+        else:
+            student = build_student(cfg, task, cfg.model.weights, attention)
+            metadata = {**task.metadata, **metadata}
+        vit = backbone_of(student)
         for index in branches.blocks:
-            student.blocks[int(index)].attn.load_state_dict(strip_prefix(state, f"blocks.{index}."))
-        return save_export(student.state_dict(), path, export_metadata(cfg, student, **metadata))
+            vit.blocks[int(index)].attn.load_state_dict(strip_prefix(state, f"blocks.{index}."))
+        return save_export(export_state(student.state_dict()), path, export_metadata(cfg, vit, **metadata))
 
     return StageParts(
         model=branches,
         param_groups=all_parameters("qkv"),  # the optimizer keeps the trainable ones: each plug's stage1_trainable
         export=export,
         teacher=BlockProbe(teacher, objective, [int(i) for i in branches.blocks]),
+        metric=task.metric() if task is not None else None,
     )

@@ -1,5 +1,6 @@
 """Stage 3, segmentation: a head (``stage.head``: ``linear`` or ``mask2former``, :mod:`adala.stages.seg_heads`) on
-the ViT's block outputs; everything trains, the backbone at lr × 0.1.
+the ViT's block outputs; everything trains, the backbone at lr × 0.1 (``stage.lora=R``: only rank-R adapters on
+the attention projections and the head train; the export has them merged).
 
 Training reads crops; evaluation reads whole images and predicts them by sliding windows of ``stage.eval_crop``
 at ``stage.eval_stride`` (:mod:`adala.eval.sliding_window`), scored at the mask's resolution.
@@ -19,6 +20,7 @@ from adala.errors import UserError, require_extra
 from adala.eval import MeanIoU
 from adala.eval.sliding_window import sliding_window
 from adala.models import build_vfm, model_spec, save_export
+from adala.models.lora import add_lora, merge_lora
 from adala.stages.common import backbone_and_head_groups, export_metadata, start_weights
 from adala.stages.seg_heads import HEADS, IGNORE_INDEX, LinearHead, build_head
 
@@ -101,13 +103,15 @@ def window(cfg: Any) -> Optional[tuple[int, int]]:
 
 
 def export_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Backbone keys as timm names them, the head under ``seg_head.``."""
-    return {key.removeprefix("backbone."): value for key, value in state.items()}
+    """Backbone keys as timm names them (LoRA adapters merged into their weights), the head under ``seg_head.``."""
+    return merge_lora({key.removeprefix("backbone."): value for key, value in state.items()})
 
 
 def build(cfg: Any, attention: dict[str, Any]) -> StageParts:
     backbone = build_vfm(model_spec(cfg.model), img_size=cfg.model.img_size, weights=start_weights(cfg),
                          attention=attention)
+    if cfg.stage.lora:  # LoLCATS' recipe: low-rank adapters on qkv and proj train; the new head trains in full
+        add_lora(backbone, cfg.stage.lora, cfg.stage.lora_alpha)
     num_classes = cfg.data.num_seg_classes
     head = build_head(cfg.stage.head, embed_dim=backbone.embed_dim, depth=len(backbone.blocks), num_classes=num_classes,
                       options=cfg.stage.mask2former)
