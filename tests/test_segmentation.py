@@ -22,7 +22,7 @@ from adala.data.transforms import build_transform
 from adala.eval import MeanIoU
 from adala.eval.sliding_window import sliding_window, window_starts
 from adala.models import build_vfm
-from adala.run import run_stage
+from adala.run import StageResult, run_stage
 from adala.stages.common import backbone_and_head_groups
 from adala.stages.finetune_seg import Segmenter
 from adala.stages.seg_heads import build_head
@@ -213,14 +213,15 @@ def test_resume_after_a_kill_is_exact(seg_shards: dict, tmp_path: Path) -> None:
     torch.set_num_threads(1)  # as the killed process (OMP_NUM_THREADS=1): the same order of float sums
     try:
         reference = run_stage(compose(argv))
-        _kill_after_step_3_then_resume(argv, tmp_path / "killed")
+        kill_after_step_3_then_resume(argv, tmp_path / "killed")
     finally:
         torch.set_num_threads(threads)
     assert_same_weights(tmp_path / "killed" / "export" / "model.safetensors", reference.export, 0)
     assert losses(tmp_path / "killed")[-3:] == losses(tmp_path / "ref")[-3:]
 
 
-def _kill_after_step_3_then_resume(argv: list[str], killed: Path) -> None:
+def kill_after_step_3_then_resume(argv: list[str], killed: Path) -> StageResult:
+    """Run ``argv`` into ``killed`` as its own process, SIGKILL it once step 3 is saved, resume it here."""
     from test_distributed import ENV, wait_for
 
     from adala.engine.checkpoint import COMPLETE_MARKER
@@ -232,7 +233,7 @@ def _kill_after_step_3_then_resume(argv: list[str], killed: Path) -> None:
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not (killed / "export").exists(), "the run finished before the kill; the test proves nothing"
-    run_stage(compose([*argv, "resume=auto"]))
+    return run_stage(compose([*argv, "resume=auto"]))
 
 
 def test_head_and_window_are_checked_before_work_starts(seg_shards: dict, tmp_path: Path) -> None:

@@ -4,9 +4,6 @@ the export is a complete linear task model, bad input stops before work starts, 
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -121,25 +118,17 @@ def test_bad_input_is_one_error_before_work_starts(tmp_path: Path, demo_shards: 
 def test_resume_after_a_kill_is_exact(tmp_path: Path, demo_shards: dict[str, str], seg_teacher: str) -> None:
     """Stage 2 of the task route killed (SIGKILL) after its step-3 checkpoint and resumed ends with the weights,
     losses and validation mIoU of the run that was never interrupted."""
-    from test_distributed import ENV, REPO, assert_same_weights, losses, wait_for
+    from test_distributed import assert_same_weights, losses
+    from test_segmentation import kill_after_step_3_then_resume
 
-    from adala.engine.checkpoint import COMPLETE_MARKER
-
+    killed = tmp_path / "killed"
     argv = align("align_features", demo_shards, seg_teacher, tmp_path / "ref", "train.max_steps=6",
                  "train.save_every=3", "train.eval_every=4")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the killed process (OMP_NUM_THREADS=1): the same order of float sums
     try:
         reference = run_stage(compose(argv))
-        killed = tmp_path / "killed"
-        argv = [*argv, override("run_dir", killed)]
-        process = subprocess.Popen([sys.executable, "-m", "adala", *argv], cwd=REPO, env=ENV,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(lambda: (killed / "checkpoints" / "step-3" / COMPLETE_MARKER).exists(), process, "step 3 was saved")
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-        assert not (killed / "export").exists(), "the run finished before the kill; the test proves nothing"
-        resumed = run_stage(compose([*argv, "resume=auto"]))
+        resumed = kill_after_step_3_then_resume(argv, killed)
     finally:
         torch.set_num_threads(threads)
     assert_same_weights(resumed.export, reference.export, 0)
