@@ -159,6 +159,8 @@ class DemoConfig:
     finetune_steps: int = 150
     finetune_batch_size: int = 32
     finetune_lr: float = 1e-3
+    seg: str = "linear"  # the Stage-3 segmentation head of every variant: linear | mask2former | both
+    mask2former_steps: Optional[int] = None  # Stage-3 steps with the Mask2Former head; None: finetune_steps
     adapt_task: bool = False  # also Stages 1-2 with the fine-tuned softmax segmenter as teacher (paper 4.3.3)
 
 

@@ -30,7 +30,8 @@ from adala.models.weights import read_export_metadata, read_state_dict
 from adala.engine.rundir import lock_run_dir
 from adala.eval.report import write_report
 from adala.files import write_text_atomic
-from adala.launch.pipeline import VARIANTS, plan
+from adala.errors import UserError
+from adala.launch.pipeline import DEFAULT_DEMO_TASKS, VARIANTS, plan
 from adala.run import run_stage
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,9 @@ log = logging.getLogger(__name__)
 # Every stage run of the demo starts over: its run directory is the demo's own.
 FRESH_RUNS = ("resume=none", "overwrite=true")
 ADAPT_TASK = "adapt_task"  # demo.adapt_task's row: the task model adapted directly (paper 4.3.3)
+SEG_TASKS = {"linear": ("seg",), "mask2former": ("mask2former",), "both": ("seg", "mask2former")}  # demo.seg
+# The report's columns: a metric of a default task under its own name, the Mask2Former task's as miou_mask2former.
+COLUMNS = {"top1": "top-1", "miou": "mIoU", "miou_mask2former": "M2F mIoU"}
 
 
 def run_demo(cfg: Config, overrides: Sequence[str] = ()) -> dict:
@@ -55,24 +59,26 @@ def run_demo(cfg: Config, overrides: Sequence[str] = ()) -> dict:
 
 def _run_demo(cfg: Config, overrides: Sequence[str], run_dir: Path, started: float) -> dict:
     demo = cfg.demo
+    tasks = demo_tasks(demo)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     shards, cache = demo_shards(demo)
     recipe = demo_recipe(demo, shards)
     user = [o for o in overrides if not o.startswith(("stage=", "run_dir=", "demo.", "resume=", "overwrite="))]
     teacher = _teacher(cache, recipe["teacher"], user)
     sizes = [o for o in overrides if o.startswith("demo.")]
-    jobs = plan([cfg.model.name], run_dir, overrides=[*sizes, *user, *FRESH_RUNS], demo=True, ablation=True,
-                teacher=teacher)
+    jobs = plan([cfg.model.name], run_dir, tasks=tasks, overrides=[*sizes, *user, *FRESH_RUNS], demo=True,
+                ablation=True, teacher=teacher)
     metrics: dict[str, dict[str, float]] = {name: {} for name in VARIANTS}
     for job in jobs:
         result = run_stage(compose(job.overrides))
         if job.variant is not None:
-            metrics[job.variant].update(result.metrics)
+            metrics[job.variant].update(_row_metrics(job.task, result.metrics))
     report = {name: {"description": variant.description, **metrics[name]} for name, variant in VARIANTS.items()}
     if demo.adapt_task:
-        segmenter = next(job for job in jobs if job.variant == "teacher" and job.task == "seg")
+        segmenter = next(job for job in jobs if job.variant == "teacher" and job.stage == "finetune_seg")
         report[ADAPT_TASK] = {"description": "softmax segmenter adapted directly, Stage 1 + 2 (paper 4.3.3)",
-                              **_adapt_task(cfg.model.name, run_dir, segmenter.export, recipe, shards["val"], user)}
+                              **_row_metrics(segmenter.task, _adapt_task(cfg.model.name, run_dir, segmenter.export,
+                                                                         recipe, shards["val"], user))}
     report_path = run_dir / "report.json"
     # the pictures: every stage's losses, Stage 2 with and without Stage 1, per-block error and PCA maps
     figures = write_report([job.run_dir for job in jobs], run_dir / "report", images=shards["val"])
@@ -103,10 +109,23 @@ def _adapt_task(model: str, run_dir: Path, segmenter: Path, recipe: dict[str, li
     return result.metrics
 
 
+def demo_tasks(demo: DemoConfig) -> list[str]:
+    """The Stage-3 tasks of every variant: classification and ``demo.seg``'s segmentation heads."""
+    if demo.seg not in SEG_TASKS:
+        raise UserError(f"unknown demo.seg {demo.seg!r}; use one of {', '.join(SEG_TASKS)}")
+    return ["cls", *SEG_TASKS[demo.seg]]
+
+
+def _row_metrics(task: str, metrics: dict[str, float]) -> dict[str, float]:
+    return metrics if task in DEFAULT_DEMO_TASKS else {f"{key}_{task}": value for key, value in metrics.items()}
+
+
 def format_table(report: dict) -> str:
-    lines = [f"{'variant':<16}{'top-1':>8}{'mIoU':>8}  description", "-" * 72]
+    columns = {key: label for key, label in COLUMNS.items() if key == "top1" or any(key in r for r in report.values())}
+    header = "".join(f"{label:>10}" for label in columns.values())
+    lines = [f"{'variant':<16}{header}  description", "-" * (50 + len(header))]
     for variant, row in report.items():
-        cells = "".join(f"{row[key] * 100:>7.1f}%" if key in row else f"{'-':>8}" for key in ("top1", "miou"))
+        cells = "".join(f"{row[key] * 100:>9.1f}%" if key in row else f"{'-':>10}" for key in columns)
         lines.append(f"{variant:<16}{cells}  {row['description']}")
     return "\n".join(lines)
 
@@ -124,8 +143,10 @@ def demo_recipe(demo: DemoConfig, shards: dict[str, str]) -> dict[str, list[str]
     to the paper's data set), steps, batch sizes and learning rates; no weights and no run dirs.
 
     Keys: ``teacher`` (``stage=finetune_cls`` of a softmax ViT on the pretraining split; its backbone is the teacher),
-    ``align_attention``, ``align_features`` and ``finetune`` (for both Stage-3 tasks).
+    ``align_attention``, ``align_features``, ``finetune`` (for every Stage-3 task) and, for a task with steps of its
+    own, the task's name (``mask2former``: after ``finetune``).
     """
+    mask2former_steps = demo.finetune_steps if demo.mask2former_steps is None else demo.mask2former_steps
     pretrain = ["data=demo", override("data.train", shards["pretrain"])]
     return {
         "teacher": [  # for stage=finetune_cls
@@ -144,6 +165,7 @@ def demo_recipe(demo: DemoConfig, shards: dict[str, str]) -> dict[str, list[str]
             f"train.max_steps={demo.finetune_steps}", f"stage.batch_size={demo.finetune_batch_size}",
             f"stage.optim.lr={demo.finetune_lr}",
         ],
+        "mask2former": [f"train.max_steps={mask2former_steps}"],
     }
 
 

@@ -9,7 +9,8 @@ import torch
 
 from adala.attention import LinearAttention
 from adala.config import compose, override
-from adala.demo import VARIANTS, run_demo
+from adala.demo import VARIANTS, format_table, run_demo
+from adala.errors import UserError
 from adala.models import build_vfm, read_export_metadata
 from adala.run import run_stage
 
@@ -71,15 +72,22 @@ def test_reduced_demo_writes_report(tmp_path: Path) -> None:
         "demo.align_attention_steps=5", "demo.align_features_steps=5", "demo.finetune_steps=5",
         override("demo.cache_dir", tmp_path / "cache"), override("demo.run_dir", tmp_path / 'demo'), "train.progress=false",
     ]
-    summary = run_demo(compose(sizes), sizes)
+    both = [*sizes, "demo.seg=both", "demo.mask2former_steps=3"]  # both heads' segmentation for every variant
+    summary = run_demo(compose(both), both)
     report = json.loads((tmp_path / "demo" / "report.json").read_text())
     assert report == summary
     assert list(report["variants"]) == list(VARIANTS)
     jobs = tmp_path / "demo" / "demo_tiny"  # the stage runs are the jobs of the pipelines' graph
     assert all((jobs / run / "export" / "model.safetensors").is_file()
-               for run in ("s1_align_attention", "s2_align_features", "s2_without_s1", "s3_cls", "s3_scratch_linear_seg"))
+               for run in ("s1_align_attention", "s2_align_features", "s2_without_s1", "s3_cls", "s3_scratch_linear_seg",
+                           "s3_mask2former", "s3_teacher_mask2former"))
+    assert read_export_metadata(jobs / "s3_s1_s3_mask2former" / "export" / "model.safetensors")["seg_head"] == "mask2former"
+    last_step = {run: json.loads((jobs / run / "log.jsonl").read_text().splitlines()[-1])["step"]
+                 for run in ("s3_seg", "s3_mask2former")}
+    assert last_step == {"s3_seg": 5, "s3_mask2former": 3}
     for row in report["variants"].values():
-        assert 0.0 <= row["top1"] <= 1.0 and 0.0 <= row["miou"] <= 1.0
+        assert 0.0 <= row["top1"] <= 1.0 and 0.0 <= row["miou"] <= 1.0 and 0.0 <= row["miou_mask2former"] <= 1.0
+    assert "M2F mIoU" in format_table(report["variants"])
     # The figures of every run, linked from the report: Stage 2 with and without Stage 1 overlaid (paper Fig. 7).
     assert report["figures"] == "report/index.html" and (tmp_path / "demo" / "report" / "index.html").is_file()
     loss = json.loads((tmp_path / "demo" / "report" / "loss.json").read_text())
@@ -87,10 +95,19 @@ def test_reduced_demo_writes_report(tmp_path: Path) -> None:
     assert (tmp_path / "demo" / "report" / "pca.png").is_file()
     teachers = list((tmp_path / "cache").glob("demo-*/teacher-*.safetensors"))
     assert len(teachers) == 1
-    # The second run reuses the cached shards and teacher.
+    # The second run reuses the cached shards and teacher; the default demo has the linear head only.
     stamp = teachers[0].stat().st_mtime_ns
-    run_demo(compose(sizes), sizes)
+    again = run_demo(compose(sizes), sizes)
     assert teachers[0].stat().st_mtime_ns == stamp
+    assert all("miou_mask2former" not in row for row in again["variants"].values())
+    assert "M2F mIoU" not in format_table(again["variants"])
+
+
+def test_unknown_demo_segmentation_head_is_one_line_before_any_work(tmp_path: Path) -> None:
+    sizes = ["demo.seg=upernet", override("demo.cache_dir", tmp_path / "cache"), override("demo.run_dir", tmp_path / "demo")]
+    with pytest.raises(UserError, match="unknown demo.seg 'upernet'; use one of linear, mask2former, both"):
+        run_demo(compose(sizes), sizes)
+    assert not (tmp_path / "cache").exists()
 
 
 def test_demo_data_config_matches_the_generator() -> None:

@@ -3,6 +3,7 @@ not asserted, only that they are measured and consistent with the sizes."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,25 @@ def test_table_and_plot_of_export_and_teacher(files: dict[str, str], tmp_path: P
     table = (tmp_path / "resolution-cpu.md").read_text()
     assert report["device"] in table and "| 64 | 257 | export | linear |" in table and "## Export vs teacher" in table
     assert (tmp_path / "resolution-cpu.png").stat().st_size > 0
+
+
+def test_results_show_paths_from_the_working_or_home_directory(files: dict[str, str], tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The committed results name the files as the command was run, not the machine's directories."""
+    work = tmp_path / "work"
+    work.mkdir()
+    for name in ("export", "teacher"):
+        shutil.copy(files[name], work)
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("HOME", str(Path(files["val"]).parent.parent))
+    argv = [str(work / "linear.safetensors"), "--sizes", "32", "--teacher", str(work / "softmax.safetensors"),
+            "--val", files["val"], "--data", "demo", "--out", str(tmp_path / "out"), *FAST]
+    assert resolution.main(argv) == 0
+    report = json.loads((tmp_path / "out" / "resolution-cpu.json").read_text())
+    assert report["export"] == "linear.safetensors" and report["val"] == "~/shards/val-000000.tar"
+    assert report["command"].startswith("python -m adala.eval.resolution linear.safetensors --sizes 32 --teacher "
+                                        "softmax.safetensors --val ~/shards/val-000000.tar --data demo --out ")
+    assert str(tmp_path) in report["command"]  # a path outside both stays as given
 
 
 def test_one_window_of_the_whole_image_scores_like_whole_images(files: dict[str, str]) -> None:

@@ -189,12 +189,12 @@ def run(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
     rows = [measure_entry(entry, size, args, data) for size in sorted(set(args.sizes)) for entry in models]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     return {
-        "model": models[0].meta["model"], "export": str(args.export), "device": device_name(torch.device(args.device)),
+        "model": models[0].meta["model"], "export": shown(str(args.export)), "device": device_name(torch.device(args.device)),
         "device_kind": torch.device(args.device).type, "threads": torch.get_num_threads(), "load_average": load,
         "dtype": args.dtype, "torch": torch.__version__, "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": command,
-        "val": args.val, "data": args.data if args.val else None,
+        "val": args.val and shown(args.val), "data": args.data if args.val else None,
         "evaluation": None if args.val is None else ("whole images" if args.whole else "sliding windows (stride 2/3)"),
         "rows": rows,
     }
@@ -290,9 +290,21 @@ def write(report: dict[str, Any], out: Path) -> list[Path]:
     return paths
 
 
+def shown(word: str) -> str:
+    """A path as a results file shows it: relative to the working directory when under it, else from ``~`` when
+    under the home directory, so the file does not carry the machine's own directories."""
+    path = Path(word).expanduser()
+    if not path.is_absolute() or not path.exists():
+        return word
+    for base, prefix in ((Path.cwd(), ""), (Path.home(), "~/")):
+        if path.resolve().is_relative_to(base.resolve()):
+            return prefix + str(path.resolve().relative_to(base.resolve()))
+    return word
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    command = " ".join([PROG, *(sys.argv[1:] if argv is None else argv)])
+    command = " ".join([PROG, *map(shown, sys.argv[1:] if argv is None else argv)])
     try:
         report = run(args, command)
     except UserError as err:

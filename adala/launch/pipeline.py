@@ -27,10 +27,11 @@ from adala.run import EXPORT_NAME
 
 @dataclass(frozen=True)
 class Task:
-    """A Stage-3 task: the stage that trains it and the data config it reads."""
+    """A Stage-3 task: the stage that trains it, the data config it reads and what else makes it (e.g. its head)."""
 
     stage: str
     data: str
+    overrides: tuple[str, ...] = ()  # applied before the user's, so scoped overrides (``TASK:key=value``) win
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,13 @@ TASKS = {
 }
 DEFAULT_MODELS = ("dinov2_l", "clip_l", "siglip_l", "vit_l_in1k")
 DEFAULT_TASKS = ("in1k", "ade20k", "cityscapes")
-DEMO_TASKS = {"cls": Task("finetune_cls", "demo"), "seg": Task("finetune_seg", "demo")}
+# A Mask2Former head sized for the demo model (64 wide, 8×8 tokens, 13 mask classes).
+DEMO_MASK2FORMER = ("stage.head=mask2former", "stage.mask2former.hidden_dim=64", "stage.mask2former.num_queries=16",
+                    "stage.mask2former.decoder_layers=3", "stage.mask2former.encoder_layers=1",
+                    "stage.mask2former.feedforward=256", "stage.mask2former.train_points=1024")
+DEMO_TASKS = {"cls": Task("finetune_cls", "demo"), "seg": Task("finetune_seg", "demo"),
+              "mask2former": Task("finetune_seg", "demo", DEMO_MASK2FORMER)}
+DEFAULT_DEMO_TASKS = ("cls", "seg")
 DEMO_MODELS = ("demo_tiny", "demo_small")
 STEPS = ("teacher", "s1", "s2", "s3")  # the step scopes; a task's name scopes its Stage-3 jobs
 S2_WITHOUT_S1 = "s2_without_s1"  # the ablation's Stage 2 from the linearized teacher (scope: s2)
@@ -141,7 +148,7 @@ def plan(
     ``variants`` names the Stage-3 variants instead (each starting from a step, the weights or random weights).
     """
     known_tasks = DEMO_TASKS if demo else TASKS
-    tasks = list(tasks or (DEMO_TASKS if demo else DEFAULT_TASKS))
+    tasks = list(tasks or (DEFAULT_DEMO_TASKS if demo else DEFAULT_TASKS))
     unknown = [m for m in models if m not in list_vfms()]
     if unknown:
         raise UserError(f"unknown model {unknown[0]!r}; choose from: {', '.join(list_vfms())}")
@@ -196,8 +203,9 @@ def plan(
             for task in tasks:
                 spec = known_tasks[task]
                 step = task if name == MAIN_VARIANT else f"{name}_{task}"
-                job(step, spec.stage, [f"data={spec.data}", *weights, *recipe["finetune"], *init], after, scope=task,
-                    run_dir=f"s3_{step}", task=task, variant=name, last=variant.overrides)
+                job(step, spec.stage, [f"data={spec.data}", *spec.overrides, *weights, *recipe["finetune"],
+                                       *recipe.get(task, []), *init],
+                    after, scope=task, run_dir=f"s3_{step}", task=task, variant=name, last=variant.overrides)
     return jobs
 
 

@@ -50,7 +50,8 @@ def parser(command: str = COMMAND) -> argparse.ArgumentParser:
     p.add_argument("--models", nargs="+", metavar="M", help=f"VFMs (default: {' '.join(DEFAULT_MODELS)}; "
                                                            f"with --demo: {' '.join(DEMO_MODELS)})")
     p.add_argument("--tasks", nargs="+", metavar="T", help="Stage-3 tasks (default: in1k ade20k cityscapes; "
-                                                          "with --demo: cls seg)")
+                                                          "with --demo: cls seg; mask2former is seg with a "
+                                                          "Mask2Former head)")
     p.add_argument("--root", default="runs/sweep", help="run directories, Ray's storage and the results (%(default)s)")
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers per stage run (%(default)s)")
     p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs each worker reserves (%(default)s)")

@@ -53,7 +53,8 @@ def parse(argv: Sequence[str], command: str) -> argparse.Namespace:
                "(dinov2_l:s2:); more scopes win. Stage 1 reads COCO and Stage 2 ImageNet-22K unless told otherwise "
                "(s1:data.train=... s2:data.train=...)")
     parser.add_argument("--models", nargs="+", help=f"default: {' '.join(pipeline.DEFAULT_MODELS)} (demo: the demo models)")
-    parser.add_argument("--tasks", nargs="+", help=f"Stage-3 tasks, default: {' '.join(pipeline.DEFAULT_TASKS)}")
+    parser.add_argument("--tasks", nargs="+", help=f"Stage-3 tasks, default: {' '.join(pipeline.DEFAULT_TASKS)} "
+                        "(with --demo: cls seg; mask2former is seg with a Mask2Former head)")
     parser.add_argument("--root", default="runs/pipeline", help="run directories and submitit logs go here")
     parser.add_argument("--demo", action="store_true", help="the built-in demo data, a teacher job and demo sizes")
     parser.add_argument("--attentions", type=attention_list, metavar="A,B,...",
