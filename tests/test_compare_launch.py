@@ -10,6 +10,7 @@ import pytest
 
 from adala.__main__ import main as cli
 from adala.config import override
+from adala.errors import UserError
 from adala.launch import ray_sweep, submit
 from adala.launch.comparison import comparison_jobs, plan_launch, read_record, write_record
 from adala.launch.pipeline import Job
@@ -143,10 +144,44 @@ def test_local_jobs_start_after_what_they_need_and_a_failure_skips_its_dependent
         executor.update_parameters(timeout_min=5)
         return executor.submit(int, "nan" if planned is performer else "0")  # int("nan"): a ValueError
 
-    ended = _run_in_order(jobs, start, 2)
+    changes: list[tuple[str, str]] = []
+    ended = _run_in_order(jobs, start, 2, lambda name, state: changes.append((name, state)))
+    assert dict(changes) == ended  # each job's last change is how it ended ...
+    assert [state for name, state in changes if name == elu1.name] == ["started", "completed"]
+    assert [state for name, state in changes if name == jobs[3].name] == [ended[jobs[3].name]]  # ... never started
     assert [ended[j.name] for j in jobs[:2]] == ["completed", "completed"]
     assert ended[performer.name].startswith("failed: ValueError: invalid literal for int()")
     assert ended[jobs[3].name] == f"skipped: needs {performer.name}, which did not complete"
     printed = capsys.readouterr().out.splitlines()
     assert printed.index(f"{teacher.name}: completed") < printed.index(f"{elu1.name}: started")
     assert f"{jobs[3].name}: started" not in printed
+
+
+def test_status_of_a_local_run_reads_its_record_and_a_running_launcher_refuses_a_second(
+        jobs: list[Job], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The record a ``--local`` launcher keeps: ``status`` shows each job's state from it, and says when the launcher
+    is gone while jobs never ended; a second run into the root is refused only while the launcher lives."""
+    import subprocess
+    import sys
+
+    from adala.launch.submit import _refuse_if_running, _write_record, status
+
+    states = {job.name: "pending" for job in jobs}
+    states[jobs[0].name], states[jobs[1].name] = "completed", "failed: ValueError: boom"
+    states[jobs[2].name] = "running"
+    _write_record(tmp_path, jobs, "1 node(s)", "2026-01-01T00:00:00", {jobs[0].name: "123"}, states)
+    with pytest.raises(UserError, match="a --local run of the pipeline in .* is still going"):
+        _refuse_if_running(tmp_path)  # this process is the launcher of the record
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    record = json.loads((tmp_path / "pipeline.json").read_text())
+    record["local"]["pid"] = int(finished.stdout)  # a launcher that has exited
+    (tmp_path / "pipeline.json").write_text(json.dumps(record))
+    _refuse_if_running(tmp_path)
+    assert status(tmp_path) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "run here (--local), its launcher has exited 2026-01-01T00:00:00" in lines[0]
+    rows = {line.split()[0]: line for line in lines[2:]}
+    assert list(rows) == [job.name for job in jobs]
+    assert "123  COMPLETED" in rows[jobs[0].name] and "FAILED (ValueError: boom)" in rows[jobs[1].name]
+    assert "RUNNING (launcher exited)" in rows[jobs[2].name]
+    assert "PENDING (launcher exited)" in rows[jobs[3].name]

@@ -540,6 +540,18 @@ def local_comparison(case: Case) -> None:
     assert all(0 <= r["top1"] <= 1 for r in rows)
 
 
+def local_status(case: Case) -> None:
+    """``submit.py status`` on the local comparison's root: every job completed and exported, as recorded by the
+    launcher, which has exited; a new ``--local`` run into the root is not refused for it."""
+    in_local_comparison(case)
+    out = case.run().stdout
+    assert "run here (--local)" in out and "launcher has exited" in out, out
+    rows = [line.split() for line in out.splitlines()[2:] if line.strip()]
+    record = json.loads((case.cwd / _root_of(case.text) / "pipeline.json").read_text())
+    assert [row[0] for row in rows] == [job["name"] for job in record["jobs"]] and len(rows) > 1
+    assert all(row[2] == "COMPLETED" and row[-1] == "yes" for row in rows), out
+
+
 def report_from_runs(case: Case) -> None:
     """``adala compare --runs ROOT`` writes the report anew from the run directories alone."""
     in_local_comparison(case)
@@ -608,7 +620,8 @@ RULES = (
     Rule(r"python launchers/submit\.py \.\.\. --dry-run$",
          fill(r"python launchers/submit\.py --models", without_slurm(as_written(stdout="dry run")))),
     Rule(r"python launchers/submit\.py --demo", on_cluster(), ("slurm",)),
-    Rule(r"python launchers/submit\.py status", on_cluster(setup=r"python launchers/submit\.py --demo"), ("slurm",)),
+    Rule(r"python launchers/submit\.py status --root runs/compare_local", local_status, ("slow",)),
+    Rule(r"python launchers/submit\.py status --root runs/pipeline", on_cluster(setup=r"python launchers/submit\.py --demo"), ("slurm",)),
     Rule(r"python launchers/ray_sweep\.py --address .* \.\.\.$",  # the ... : the other Stage-3 tasks' data
          fill_with(tuple(f"'{task}:data.{split}=\"...\"'" for task in ("ade20k", "cityscapes") for split in ("train", "val")),
                    without_slurm(as_written(extra=("--dry-run",), stdout="dry run")))),

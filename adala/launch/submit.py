@@ -29,10 +29,11 @@ import argparse
 import json
 import os
 import re
+import socket
 import sys
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from adala.errors import UserError, require_extra
 from adala.files import write_text_atomic
@@ -114,8 +115,7 @@ def submit(args: argparse.Namespace, command: str) -> int:
     elif not args.dry_run:
         raise UserError("no SLURM commands here (sinfo not found); submit from a login node, run here with --local, "
                         "or use --dry-run")
-    if not args.local:
-        _refuse_if_running(root)
+    _refuse_if_running(root)
     if args.attentions is not None:
         jobs = comparison_jobs(plan_launch(args.models or models[:1], args.attentions, root, tasks=args.tasks,
                                            overrides=args.overrides, demo=args.demo))
@@ -131,12 +131,9 @@ def submit(args: argparse.Namespace, command: str) -> int:
     if args.attentions is not None:
         write_record(root, jobs)
     if args.local:
-        return _run_local(jobs, root, args, tasks_per_node, minutes)
+        return _run_local(jobs, root, args, tasks_per_node, minutes, resources)
     ids = _submit_all(jobs, root, args, tasks_per_node, minutes)
-    record = {"submitted": time.strftime("%Y-%m-%dT%H:%M:%S"), "resources": resources,
-              "jobs": [{"name": j.name, "id": ids[j.name], "stage": j.stage, "run_dir": str(j.run_dir),
-                        "after": [a.name for a in j.after]} for j in jobs]}
-    write_text_atomic(root / RECORD, json.dumps(record, indent=2) + "\n")
+    _write_record(root, jobs, resources, _now(), ids)
     print(_graph(jobs, minutes, ids))
     print(f"submitted {len(jobs)} jobs; follow them with: {command} status --root {args.root}")
     if args.attentions is not None:
@@ -155,6 +152,20 @@ def _submit_all(jobs, root: Path, args: argparse.Namespace, tasks_per_node: int,
     return ids
 
 
+def _write_record(root: Path, jobs, resources: str, submitted: str, ids: dict[str, str],
+                  local: Optional[dict[str, str]] = None) -> None:
+    """The pipeline's record, read by ``status``: each job's id, stage, run dir and the jobs it waits for. A
+    ``--local`` run also records its launcher's pid and host and each job's state, since no scheduler keeps them
+    (``local``: job name -> pending | running | completed | failed: why | skipped: why)."""
+    record = {"submitted": submitted, "resources": resources,
+              "jobs": [{"name": j.name, "id": ids.get(j.name, "-"), "stage": j.stage, "run_dir": str(j.run_dir),
+                        "after": [a.name for a in j.after], **({"state": local[j.name]} if local else {})}
+                       for j in jobs]}
+    if local is not None:
+        record["local"] = {"pid": os.getpid(), "host": socket.gethostname()}
+    write_text_atomic(root / RECORD, json.dumps(record, indent=2) + "\n")
+
+
 def _executor(job, root: Path, args: argparse.Namespace, tasks_per_node: int, minutes: dict[str, int], *,
               cluster: Optional[str], **extra: str):
     """A submitit executor for ``job``: SLURM's (``cluster`` None, where SLURM is) or the ``local`` one."""
@@ -170,18 +181,30 @@ def _executor(job, root: Path, args: argparse.Namespace, tasks_per_node: int, mi
     return executor
 
 
-def _run_local(jobs, root: Path, args: argparse.Namespace, tasks_per_node: int, minutes: dict[str, int]) -> int:
+def _run_local(jobs, root: Path, args: argparse.Namespace, tasks_per_node: int, minutes: dict[str, int],
+               resources: str) -> int:
     """Run ``jobs`` through submitit's local executor, each once the jobs it needs have completed, as many at once
-    as this machine's CPUs hold; then the results (and the comparison's report). 0 when every job completed."""
+    as this machine's CPUs hold, keeping the pipeline's record (``status``) current; then the results (and the
+    comparison's report). 0 when every job completed."""
     from adala.launch.results import collect, markdown_table, write_results
     from adala.launch.submitit_job import StageJob
 
     at_once = max(1, (os.cpu_count() or 1) // (args.cpus_per_task * tasks_per_node))
+    ids: dict[str, str] = {}
+    states = {job.name: "pending" for job in jobs}
 
     def start(job):
-        return _executor(job, root, args, tasks_per_node, minutes, cluster="local").submit(StageJob(job.overrides))
+        handle = _executor(job, root, args, tasks_per_node, minutes, cluster="local").submit(StageJob(job.overrides))
+        ids[job.name] = str(handle.job_id)
+        return handle
 
-    ended = _run_in_order(jobs, start, at_once)
+    def changed(name: str, state: str) -> None:
+        states[name] = "running" if state == "started" else state
+        _write_record(root, jobs, resources, started, ids, states)
+
+    started = _now()
+    _write_record(root, jobs, resources, started, ids, states)
+    ended = _run_in_order(jobs, start, at_once, changed)
     statuses = {job.pipeline: "completed" for job in jobs}  # or the first job that did not complete, and why
     for job in reversed(jobs):
         if ended[job.name] != "completed":
@@ -199,12 +222,17 @@ def _run_local(jobs, root: Path, args: argparse.Namespace, tasks_per_node: int, 
     return 0 if completed else 1
 
 
-def _run_in_order(jobs, start, at_once: int) -> dict[str, str]:
+def _run_in_order(jobs, start, at_once: int, changed: Callable[[str, str], None]) -> dict[str, str]:
     """Start each job (``start``: its submitit job) once the jobs it needs have completed, at most ``at_once`` at a
-    time, and wait for all; each job's name -> "completed", "failed: why" or "skipped: why". Ctrl-C cancels the
-    running jobs."""
+    time, and wait for all; each job's name -> "completed", "failed: why" or "skipped: why". Each change is printed
+    and passed to ``changed`` (name, "started" or the end state). Ctrl-C cancels the running jobs."""
     ended: dict[str, str] = {}
     running: dict[str, object] = {}  # job name -> its submitit job
+
+    def note(name: str, state: str) -> None:
+        print(f"{name}: {state}", flush=True)
+        changed(name, state)
+
     waiting = list(jobs)
     try:
         while waiting or running:
@@ -212,7 +240,7 @@ def _run_in_order(jobs, start, at_once: int) -> dict[str, str]:
                 if handle.done():
                     error = handle.exception()
                     ended[name] = "completed" if error is None else f"failed: {_failure(error)}"
-                    print(f"{name}: {ended[name]}", flush=True)
+                    note(name, ended[name])
                     del running[name]
             for job in list(waiting):
                 states = [ended.get(dep.name) for dep in job.after]
@@ -222,10 +250,10 @@ def _run_in_order(jobs, start, at_once: int) -> dict[str, str]:
                 failed = [dep.name for dep, state in zip(job.after, states) if state != "completed"]
                 if failed:
                     ended[job.name] = f"skipped: needs {failed[0]}, which did not complete"
-                    print(f"{job.name}: {ended[job.name]}", flush=True)
+                    note(job.name, ended[job.name])
                     continue
                 running[job.name] = start(job)
-                print(f"{job.name}: started", flush=True)
+                note(job.name, "started")
             time.sleep(0.5)
     except KeyboardInterrupt:
         for handle in running.values():
@@ -251,19 +279,45 @@ def status(root: Path) -> int:
     if not record_path.is_file():
         raise UserError(f"no submitted pipeline in {root} ({RECORD} not found); pass --root")
     record = json.loads(record_path.read_text())
-    print(f"pipeline submitted {record['submitted']} ({record['resources']})")
+    launcher = record.get("local")
+    gone = launcher is not None and not _launcher_alive(launcher)
+    where = "run here (--local)" + (", its launcher has exited" if gone else "") if launcher else "submitted"
+    print(f"pipeline {where} {record['submitted']} ({record['resources']})")
     print(f"{'job':<26}{'id':>8}  {'state':<24}{'latest checkpoint':<20}export")
     for job in record["jobs"]:
-        info = slurm.job_state(job["id"]) if slurm.available() else {}
         run_dir = Path(job["run_dir"])
         export = (run_dir / "export" / "model.safetensors").is_file()
-        state = info.get("JobState", "COMPLETED?" if export else "unknown")
-        if info.get("Reason", "None") != "None":
-            state += f" ({info['Reason']})"
+        if launcher is not None:
+            kind, _, why = job["state"].partition(": ")
+            state = kind.upper() + (f" ({why})" if why else "")
+            if gone and kind in ("pending", "running"):
+                state += " (launcher exited)"
+        else:
+            info = slurm.job_state(job["id"]) if slurm.available() else {}
+            state = info.get("JobState", "COMPLETED?" if export else "unknown")
+            if info.get("Reason", "None") != "None":
+                state += f" ({info['Reason']})"
         latest = latest_checkpoint(run_dir / "checkpoints")
         print(f"{job['name']:<26}{job['id']:>8}  {state:<24}{latest.name if latest else '-':<20}"
               f"{'yes' if export else '-'}")
     return 0
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S")
+
+
+def _launcher_alive(launcher: dict) -> bool:
+    """Whether the ``--local`` launcher of a record still runs (a record from another host is taken as running)."""
+    if launcher["host"] != socket.gethostname():
+        return True
+    try:
+        os.kill(launcher["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _graph(jobs, minutes: dict[str, int], ids: Optional[dict[str, str]] = None) -> str:
@@ -288,7 +342,13 @@ def _minutes(items: Sequence[str]) -> dict[str, int]:
 def _refuse_if_running(root: Path) -> None:
     """A second submission into the same root while the first is queued or running would race on its run dirs."""
     record = root / RECORD
-    if not record.is_file() or not slurm.available():
+    if not record.is_file():
+        return
+    launcher = json.loads(record.read_text()).get("local")
+    if launcher is not None and _launcher_alive(launcher):
+        raise UserError(f"a --local run of the pipeline in {root} is still going (pid {launcher['pid']} on "
+                        f"{launcher['host']}); wait for it, stop it, or choose another --root")
+    if launcher is not None or not slurm.available():
         return
     for job in json.loads(record.read_text())["jobs"]:
         if slurm.job_state(job["id"]).get("JobState") in slurm.ACTIVE_STATES:
