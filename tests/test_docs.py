@@ -595,6 +595,8 @@ RULES = (
     # the demo and the CLI
     Rule(r"python -m adala$", as_written(extra=tuple(DEMO_TINY), stdout="scratch_linear"), ("slow",)),  # tiny sizes
     Rule(r"python -m adala --(cfg|help)$", as_written(stdout=r"\S")),
+    Rule(r"python -m adala demo\.seg=both$", as_written(extra=(*DEMO_TINY, "demo.run_dir=runs/demo_mask2former"),
+                                                         stdout=r"M2F mIoU"), ("slow",)),  # tiny sizes
     Rule(r"python -m adala demo\.", as_written(extra=("--cfg",), stdout=r"teacher_steps: 800")),
     Rule(r"python -m adala model=\w+$", as_written(expect=2, stderr=r"(?m)^adala: error: .*stage")),
     Rule(r"python -m adala report RUN_DIR ", with_help),

@@ -72,6 +72,27 @@ def test_results_show_paths_from_the_working_or_home_directory(files: dict[str, 
     assert str(tmp_path) in report["command"]  # a path outside both stays as given
 
 
+def test_a_mask2former_export_is_rebuilt_with_the_sizes_it_recorded(files: dict[str, str], tmp_path: Path) -> None:
+    """Sizes other than the defaults (64 wide, 10 queries): the head loads only if its recorded sizes are used."""
+    pytest.importorskip("transformers")
+    from adala.stages.seg_heads import build_head, head_metadata
+
+    options = compose(["stage=finetune_seg", "stage.mask2former.hidden_dim=64", "stage.mask2former.num_queries=10",
+                       "stage.mask2former.decoder_layers=2", "stage.mask2former.encoder_layers=1",
+                       "stage.mask2former.feedforward=128"]).stage.mask2former
+    attention = {"kind": "linear", "kernel": "elu1"}
+    vit = build_vfm("demo_tiny", img_size=32, attention=attention)
+    head = build_head("mask2former", embed_dim=64, depth=4, num_classes=NUM_SEG_CLASSES, options=options)
+    state = {**vit.state_dict(), **{f"seg_head.{key}": value for key, value in head.state_dict().items()}}
+    export = save_export(state, tmp_path / "m2f.safetensors", {
+        "model": "demo_tiny", "img_size": 32, "attention": attention_config(vit), "num_seg_classes": NUM_SEG_CLASSES,
+        **head_metadata("mask2former", options)})
+    argv = [str(export), "--sizes", "32", "--val", files["val"], "--data", "demo", "--out", str(tmp_path), *FAST]
+    assert resolution.main(argv) == 0
+    rows = json.loads((tmp_path / "resolution-cpu.json").read_text())["rows"]
+    assert rows[0]["role"] == "export" and 0 <= rows[0]["miou"] <= 1
+
+
 def test_one_window_of_the_whole_image_scores_like_whole_images(files: dict[str, str]) -> None:
     """The demo transform resizes to size², so a window of the size covers the image: the same prediction."""
     data = resolution.data_config("demo", files["val"])

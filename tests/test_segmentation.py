@@ -2,6 +2,7 @@
 images, mIoU over ranks, ADE20K and Cityscapes shards from their real layouts, exact resume."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import subprocess
@@ -21,7 +22,7 @@ from adala.data.seg_transforms import RandomScaleCrop
 from adala.data.transforms import build_transform
 from adala.eval import MeanIoU
 from adala.eval.sliding_window import sliding_window, window_starts
-from adala.models import build_vfm
+from adala.models import build_vfm, read_export_metadata
 from adala.run import StageResult, run_stage
 from adala.stages.common import backbone_and_head_groups
 from adala.stages.finetune_seg import Segmenter
@@ -218,6 +219,9 @@ def test_resume_after_a_kill_is_exact(seg_shards: dict, tmp_path: Path) -> None:
         torch.set_num_threads(threads)
     assert_same_weights(tmp_path / "killed" / "export" / "model.safetensors", reference.export, 0)
     assert losses(tmp_path / "killed")[-3:] == losses(tmp_path / "ref")[-3:]
+    # The export records the head's sizes, so it is rebuilt as trained (adala.eval.resolution, the task route).
+    recorded = read_export_metadata(reference.export)["mask2former"]
+    assert recorded == dataclasses.asdict(compose(argv).stage.mask2former) and recorded["hidden_dim"] == 64
 
 
 def kill_after_step_3_then_resume(argv: list[str], killed: Path) -> StageResult:

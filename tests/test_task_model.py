@@ -19,11 +19,11 @@ TINY = ["model=demo_tiny", "data=demo", "data.shuffle_buffer=0", "train.progress
         "stage.batch_size=16", "stage.eval_batch_size=32"]
 
 
-def fine_tune(shards: dict[str, str], weights: str, run_dir: Path, stage: str) -> Path:
+def fine_tune(shards: dict[str, str], weights: str, run_dir: Path, stage: str, *extra: str) -> Path:
     """A softmax task model: ``stage`` (finetune_cls / finetune_seg) for a few steps from ``weights``."""
     return run_stage(compose([f"stage={stage}", *TINY, "attention=softmax", override("model.weights", weights),
                               override("data.train", shards["finetune"]), override("data.val", shards["val"]),
-                              "train.max_steps=4", "stage.optim.lr=1e-3", override("run_dir", run_dir)])).export
+                              "train.max_steps=4", "stage.optim.lr=1e-3", override("run_dir", run_dir), *extra])).export
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +90,25 @@ def test_stage1_then_stage2_log_miou_and_export_a_task_model_that_evaluates(
     by_role = {row["role"]: row for row in rows}
     assert by_role["export"]["attention"] == "linear" and by_role["teacher"]["attention"] == "softmax"
     assert by_role["export"]["miou"] == pytest.approx(s2.metrics["miou"], abs=1e-6)
+
+
+def test_a_mask2former_task_model_brings_the_sizes_of_its_head(tmp_path: Path, demo_shards: dict[str, str],
+                                                                 random_teacher: str) -> None:
+    """A segmenter fine-tuned with a Mask2Former head of other than the default sizes: the task route rebuilds the
+    head from the sizes its export recorded (none given here), copies it, and its own export records them again."""
+    pytest.importorskip("transformers")
+    sizes = ["stage.head=mask2former", "stage.mask2former.hidden_dim=32", "stage.mask2former.num_queries=6",
+             "stage.mask2former.decoder_layers=1", "stage.mask2former.encoder_layers=1",
+             "stage.mask2former.feedforward=64", "stage.mask2former.train_points=64"]
+    teacher = fine_tune(demo_shards, random_teacher, tmp_path / "m2f", "finetune_seg", *sizes, "train.max_steps=1")
+    recorded = read_export_metadata(teacher)["mask2former"]
+    assert (recorded["hidden_dim"], recorded["num_queries"]) == (32, 6)
+    result = run_stage(compose(align("align_features", demo_shards, str(teacher), tmp_path / "s2", "train.max_steps=1")))
+    assert head(result.export, "seg_head.").keys() == head(teacher, "seg_head.").keys()
+    assert all(torch.equal(value, head(teacher, "seg_head.")[key])
+               for key, value in head(result.export, "seg_head.").items())
+    meta = read_export_metadata(result.export)
+    assert meta["seg_head"] == "mask2former" and meta["mask2former"] == recorded and 0 <= result.metrics["miou"] <= 1
 
 
 def test_bad_input_is_one_error_before_work_starts(tmp_path: Path, demo_shards: dict[str, str], random_teacher: str,

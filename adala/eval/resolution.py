@@ -130,20 +130,20 @@ def segmentation_miou(entry: Entry, data: Any, size: int, *, whole: bool, device
     from adala.models.weights import read_state_dict
     from adala.stages.common import strip_prefix
     from adala.stages.finetune_seg import FIELDS, Segmenter
-    from adala.stages.seg_heads import IGNORE_INDEX, build_head
+    from adala.stages.seg_heads import IGNORE_INDEX, build_head, stored_options
 
     spec = spec_of(entry.meta)
     classes = int(entry.meta["num_seg_classes"])
     backbone = build_vfm(spec, img_size=size, weights=entry.weights)
     kind = entry.meta["seg_head"]
-    options = compose(["stage=finetune_seg"]).stage.mask2former if kind == "mask2former" else None  # its defaults
+    options = stored_options(entry.meta, compose(["stage=finetune_seg"]).stage.mask2former)
     head = build_head(kind, embed_dim=backbone.embed_dim, depth=len(backbone.blocks), num_classes=classes,
                       options=options)
     try:
         head.load_state_dict(strip_prefix(read_state_dict(entry.weights), "seg_head."))
     except RuntimeError as err:
-        raise UserError(f"the segmentation head of {entry.weights} does not fit a default {entry.meta['seg_head']} "
-                        f"head: {err}") from None
+        raise UserError(f"the segmentation head of {entry.weights} does not fit the {entry.meta['seg_head']} head "
+                        f"its metadata describe: {err}") from None
     model = Segmenter(backbone, classes, head, window=None if whole else (size, max(1, size * 2 // 3)))
     model = model.to(device).eval()
     transform = build_transform(data.eval_transform, img_size=size, mean=spec.mean, std=spec.std,

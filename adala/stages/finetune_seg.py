@@ -22,7 +22,7 @@ from adala.eval.sliding_window import sliding_window
 from adala.models import build_vfm, model_spec, save_export
 from adala.models.lora import add_lora, merge_lora
 from adala.stages.common import backbone_and_head_groups, export_metadata, start_weights
-from adala.stages.seg_heads import HEADS, IGNORE_INDEX, LinearHead, build_head
+from adala.stages.seg_heads import HEADS, IGNORE_INDEX, LinearHead, build_head, head_metadata
 
 FIELDS = ("image", "mask")
 STREAM = "epoch"  # how it reads its training data: see adala.data.pipeline
@@ -117,7 +117,8 @@ def build(cfg: Any, attention: dict[str, Any]) -> StageParts:
                       options=cfg.stage.mask2former)
 
     def export(state: dict[str, torch.Tensor], path: Path, **metadata: Any) -> Path:
-        metadata = export_metadata(cfg, backbone, num_seg_classes=num_classes, seg_head=cfg.stage.head, **metadata)
+        metadata = export_metadata(cfg, backbone, num_seg_classes=num_classes,
+                                   **head_metadata(cfg.stage.head, cfg.stage.mask2former), **metadata)
         return save_export(export_state(state), path, metadata)
 
     return StageParts(

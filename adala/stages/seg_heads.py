@@ -7,6 +7,7 @@ against a class mask. ``linear`` is DINOv2's linear probe (BatchNorm + 1×1 conv
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Sequence
 
@@ -77,6 +78,21 @@ class FeaturePyramid(nn.Module):
         if len(maps) != len(self.levels):
             raise ValueError(f"the feature pyramid takes {len(self.levels)} block outputs, got {len(maps)}")
         return [level(x) for level, x in zip(self.levels, maps)]
+
+
+def head_metadata(kind: str, options: Any) -> dict[str, Any]:
+    """What an export records of its segmentation head: the kind, and a Mask2Former head's sizes, so that it is
+    rebuilt as it was trained (:func:`stored_options`)."""
+    return {"seg_head": kind, **({"mask2former": dataclasses.asdict(options)} if kind == "mask2former" else {})}
+
+
+def stored_options(meta: dict[str, Any], default: Any) -> Any:
+    """The Mask2Former sizes an export recorded (:func:`head_metadata`), else ``default`` (exports written before
+    the sizes were recorded)."""
+    from adala.config import Mask2FormerOptions
+
+    stored = meta.get("mask2former")
+    return default if stored is None else Mask2FormerOptions(**stored)
 
 
 def build_head(kind: str, *, embed_dim: int, depth: int, num_classes: int, options: Any) -> nn.Module:

@@ -26,6 +26,7 @@ from adala.errors import UserError
 from adala.models import build_vfm, model_spec, read_export_metadata
 from adala.models.weights import read_state_dict
 from adala.stages.common import strip_prefix
+from adala.stages.seg_heads import stored_options
 
 TASK_STAGES = ("finetune_cls", "finetune_seg")
 
@@ -37,6 +38,7 @@ class Task:
     stage: str  # finetune_cls | finetune_seg
     num_classes: int
     seg_head: Optional[str] = None  # finetune_seg: linear | mask2former
+    mask2former: Optional[dict[str, Any]] = None  # a Mask2Former head's sizes as the export recorded them
 
     @property
     def fields(self) -> tuple[str, ...]:
@@ -48,7 +50,8 @@ class Task:
         """The export metadata that make an export a task model (as Stage 3 writes them)."""
         if self.stage == "finetune_cls":
             return {"num_classes": self.num_classes}
-        return {"num_seg_classes": self.num_classes, "seg_head": self.seg_head}
+        return {"num_seg_classes": self.num_classes, "seg_head": self.seg_head,
+                **({"mask2former": self.mask2former} if self.mask2former is not None else {})}
 
     def metric(self) -> Callable[[], Any]:
         from adala.eval import MeanIoU, Top1
@@ -76,7 +79,9 @@ def task_of(cfg: Any) -> Optional[Task]:
     if (meta.get("attention") or {}).get("kind", "softmax") != "softmax":
         raise UserError(f"stage.task_model=true: {path} has {meta['attention']['kind']} attention; the teacher must "
                         "be a softmax task model (fine-tune it with attention=softmax)")
-    return Task(stage, classes, meta.get("seg_head") if stage == "finetune_seg" else None)
+    if stage == "finetune_cls":
+        return Task(stage, classes)
+    return Task(stage, classes, meta.get("seg_head"), meta.get("mask2former"))
 
 
 def _what(meta: dict[str, Any]) -> str:
@@ -102,6 +107,7 @@ def check_task(cfg: Any) -> Optional[Task]:
             raise UserError(f"stage.head={cfg.stage.head}, but the task model has a {task.seg_head} head; drop "
                             "stage.head (it is read from the export)")
         cfg.stage.head = task.seg_head
+        cfg.stage.mask2former = stored_options(task.metadata, cfg.stage.mask2former)  # the head is the teacher's
         if cfg.stage.eval_batch_size is None:
             cfg.stage.eval_batch_size = 1  # whole images of different sizes, as finetune_seg evaluates
     return task
@@ -138,8 +144,8 @@ def build_student(cfg: Any, task: Task, weights: Optional[str], attention: dict[
     except RuntimeError as err:  # a Mask2Former head fine-tuned with other sizes than stage.mask2former's
         detail = [line.strip() for line in str(err).splitlines()[1:] if line.strip()][:1]
         raise UserError(f"the {task.seg_head} head of the task model {cfg.model.weights} does not fit the student's "
-                        f"({detail[0] if detail else err}); give the stage.mask2former.* sizes it was fine-tuned "
-                        "with") from None
+                        f"({detail[0] if detail else err}); its export does not record the head's sizes: give the "
+                        "stage.mask2former.* sizes it was fine-tuned with") from None
     head.requires_grad_(False)
     return model
 
