@@ -43,7 +43,9 @@ PROTOCOLS = {REFERENCE: "softmax, Stage 3 only", MAIN_VARIANT: "AdaLA: Stage 1 +
 
 
 def parse(args: Sequence[str]) -> tuple[list[str], list[str]]:
-    """The attentions (``--attentions a,b`` or ``--attentions=a,b``) and the ``demo.*`` overrides."""
+    """The attentions (``--attentions a,b`` or ``--attentions=a,b``) and the ``demo.*`` overrides, and
+    ``model.img_size=N``: every job at that resolution (more tokens; the demo's teacher, trained at 32², has its
+    position embeddings resampled as for any other size)."""
     if "--runs" in args:
         raise UserError("--runs ROOT takes nothing else: adala compare --runs runs/compare_cluster")
     attentions = list(TABLE1_ATTENTIONS)
@@ -55,11 +57,11 @@ def parse(args: Sequence[str]) -> tuple[list[str], list[str]]:
             attentions = attention_list(rest.pop(0))
         elif arg.startswith("--attentions="):
             attentions = attention_list(arg.split("=", 1)[1])
-        elif arg.startswith("demo.") and "=" in arg:
+        elif (arg.startswith("demo.") and "=" in arg) or arg.startswith("model.img_size="):
             overrides.append(arg)
         else:
-            raise UserError(f"compare takes --attentions a,b,... and demo.key=value overrides, not {arg!r}; e.g. "
-                            "adala compare --attentions elu1,performer demo.finetune_steps=100")
+            raise UserError(f"compare takes --attentions a,b,..., demo.key=value overrides and model.img_size=N, not "
+                            f"{arg!r}; e.g. adala compare --attentions elu1,performer demo.finetune_steps=100")
     if not any(o.startswith("demo.run_dir=") for o in overrides):
         overrides.append(f"demo.run_dir={DEFAULT_RUN_DIR}")
     return attentions, overrides

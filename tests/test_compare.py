@@ -45,7 +45,7 @@ def test_protocols_are_jobs_of_the_pipeline_graph(tmp_path: Path) -> None:
 @pytest.mark.parametrize("args, message", [
     (["--attentions", "nope"], "nope"),
     (["--attentions", "softmax"], "reference row"),
-    (["model=demo_small"], "demo.key=value"),
+    (["model=demo_small"], "demo.key=value overrides and model.img_size=N"),
 ])
 def test_bad_input_is_refused_before_any_work(args: list[str], message: str, tmp_path: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
@@ -57,7 +57,10 @@ def test_bad_input_is_refused_before_any_work(args: list[str], message: str, tmp
 def test_compare_writes_the_table_and_the_per_block_error(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     assert cli(["compare", "--attentions", "elu1,hedgehog", *TINY, f"demo.run_dir={run_dir}",
-                f"demo.cache_dir={tmp_path / 'cache'}"]) == 0
+                f"demo.cache_dir={tmp_path / 'cache'}", "model.img_size=48"]) == 0
+    # every job at 48² (145 tokens), the demo's teacher (trained at 32²) resampled
+    for job in ("softmax/demo_tiny/s3_teacher_cls", "hedgehog/demo_tiny/s1_align_attention", "elu1/demo_tiny/s3_seg"):
+        assert "img_size: 48" in (run_dir / job / "config.yaml").read_text(), job
     summary = json.loads((run_dir / "compare.json").read_text())
     rows = [(row["attention"], row["variant"]) for row in summary["rows"]]
     assert rows == [("softmax", "teacher"), ("elu1", "adala"), ("elu1", "baseline"), ("hedgehog", "adala"),

@@ -20,6 +20,8 @@ from adala.files import temporary, write_text_atomic
 DPI = 80
 PANEL_PX = (400, 300)  # a plot panel
 IMAGE_PANEL_PX = (160, 160)  # an image panel of the PCA grid
+MANY_LINES = 8  # a plot with more lines gets a larger panel and its legend beside it
+LINE_STYLES = ("-", "--", ":", "-.")
 STAGE_ORDER = ("align_attention", "align_features", "finetune_cls", "finetune_seg")
 STAGE_TITLES = {"align_attention": "Stage 1: attention alignment", "align_features": "Stage 2: feature alignment",
                 "finetune_cls": "Stage 3: classification", "finetune_seg": "Stage 3: segmentation"}
@@ -121,11 +123,23 @@ def stage1_blocks(runs: Sequence[RunRecord], out: Path) -> Figure:
 
 def block_error(compared: Compared, out: Path, name: str = "block_error") -> Figure:
     """The relative error of every block's output against the teacher's, for each student (paper App. B)."""
-    fig, axes = _subplots(1, 1)
+    many = len(compared.block_errors) > MANY_LINES
+    fig, axes = _subplots(1, 1, (PANEL_PX[0] * 2, PANEL_PX[1] * 3 // 2) if many else PANEL_PX)
     ax = axes[0, 0]
+    # Students whose labels start with the same word (an attention compared under several protocols) share a
+    # colour and differ in line style, so that many students stay apart.
+    groups = list(dict.fromkeys(label.split()[0] for label in compared.block_errors))
+    colours = _pyplot().get_cmap("tab10" if len(groups) <= 10 else "tab20")
+    drawn: dict[str, int] = {}
     for label, errors in compared.block_errors.items():
-        ax.plot(range(len(errors)), errors, marker="o", label=label, linewidth=1.2)
+        group = label.split()[0]
+        style = LINE_STYLES[drawn.get(group, 0) % len(LINE_STYLES)]
+        drawn[group] = drawn.get(group, 0) + 1
+        ax.plot(range(len(errors)), errors, marker="o", label=label, linewidth=1.2, linestyle=style,
+                color=colours(groups.index(group) % colours.N))
     _style(ax, "error accumulation", "block", "‖student − teacher‖ / ‖teacher‖", log=False)
+    if many:  # beside the plot, not over it
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     ax.set_ylim(bottom=0)
     ax.xaxis.get_major_locator().set_params(integer=True)
     fig.tight_layout()
