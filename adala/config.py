@@ -108,6 +108,7 @@ class DataConfig:
     eval_transform: str = "eval"
     crop_size: Optional[int] = None  # segmentation: the protocol's training crop, model.img_size's default
     scale: Optional[list[int]] = None  # segmentation: [long, short] an image is resized to fit (evaluation), x0.5-2 (training)
+    cat_max_ratio: float = 1.0  # seg_train: redraw a crop (up to 10 times) where one class covers this share or more
 
 
 @dataclass

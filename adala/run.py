@@ -223,7 +223,8 @@ def run_stage(cfg: Config, stream: Optional[Iterable[dict[str, Any]]] = None) ->
         spec = model_spec(cfg.model)
         if stream is None:
             transform = build_transform(cfg.data.train_transform or stage.transform, img_size=cfg.model.img_size,
-                                        mean=spec.mean, std=spec.std, scale=cfg.data.scale)
+                                        mean=spec.mean, std=spec.std, scale=cfg.data.scale,
+                                        cat_max_ratio=cfg.data.cat_max_ratio)
             stream = train_stream(run.data, fields=module.FIELDS, mode=module.STREAM, transform=transform,
                                   batch_size=stage.batch_size, seed=cfg.train.seed, rank=strategy.rank,
                                   world_size=strategy.world_size)

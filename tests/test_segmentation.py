@@ -139,6 +139,27 @@ def independent_miou(predictions: list[np.ndarray], truths: list[np.ndarray], nu
     return float(np.mean(ious))
 
 
+def test_crops_that_one_class_dominates_are_drawn_again() -> None:
+    """Columns 0-69% of class 0, the rest class 1 (and an ignored strip): with cat_max_ratio 0.75 nearly every crop
+    straddles the border with both classes at under 75% of its labelled pixels, as mmseg's check counts them
+    (numpy here); drawing each crop once, most fall in the wide class-0 part."""
+    labels = (torch.arange(100) >= 70).long().repeat(100, 1)
+    labels[:, :5] = 255
+    image = torch.zeros(3, 100, 100, dtype=torch.uint8)
+
+    def mmseg_balanced(mask: torch.Tensor) -> bool:
+        values, counts = np.unique(mask.numpy(), return_counts=True)
+        counts = counts[values != 255]
+        return len(counts) > 1 and counts.max() / counts.sum() < 0.75
+
+    share = {}
+    for ratio in (0.75, 1.0):
+        torch.manual_seed(0)
+        crops = [RandomScaleCrop((100, 100), 32, ratio)(image, labels.clone())[1] for _ in range(60)]
+        share[ratio] = sum(map(mmseg_balanced, crops)) / len(crops)
+    assert share[0.75] >= 0.8 and share[1.0] <= 0.4, share
+
+
 def test_mean_iou_matches_an_independent_count() -> None:
     rng = np.random.default_rng(0)
     metric, predictions, truths = MeanIoU(6), [], []
@@ -254,6 +275,9 @@ def test_head_and_window_are_checked_before_work_starts(seg_shards: dict, tmp_pa
     with pytest.raises(UserError, match="must name 4 of the model's 4 blocks"):
         bad_blocks = compose(["stage=finetune_seg", *TINY_HEAD, "stage.mask2former.blocks=[0,1,2,4]"])
         build_head("mask2former", embed_dim=64, depth=4, num_classes=3, options=bad_blocks.stage.mask2former)
+    with pytest.raises(UserError, match=r"data.cat_max_ratio is the largest share .* in \(0, 1\]"):
+        validate(compose([*base, "data.cat_max_ratio=0"]))
     cfg = validate(compose(stage_overrides(tmp_path, seg_shards, "cityscapes", "train.max_steps=1")))
     assert cfg.model.img_size == 16 and cfg.data.scale == [64, 24], "data.crop_size is model.img_size's default"
+    assert cfg.data.cat_max_ratio == 0.75  # both protocols redraw crops that one class dominates
     assert compose(["stage=finetune_seg", "data=cityscapes"]).data.crop_size == 1024

@@ -64,6 +64,9 @@ def check_data(data: Any, *, mode: str, world_size: int, batch_size: int) -> Dat
             raise UserError(f"data.{key} must be 0 or more, got {getattr(data, key)}")
     if data.http_timeout <= 0:
         raise UserError(f"data.http_timeout must be positive (seconds), got {data.http_timeout}")
+    if not 0 < data.cat_max_ratio <= 1:
+        raise UserError(f"data.cat_max_ratio is the largest share of a crop one class may cover, in (0, 1] (1: any "
+                        f"crop); got {data.cat_max_ratio}")
     plan = resolve_data(data)
     if mode == "epoch":
         readers = world_size * max(1, data.workers)

@@ -39,6 +39,7 @@ class Transform:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     scale: Optional[tuple[int, int]] = None
+    cat_max_ratio: float = 1.0  # seg_train: the largest share of a crop's labelled pixels one class may cover
 
     def __post_init__(self) -> None:
         if self.name not in TRANSFORMS:
@@ -67,7 +68,7 @@ class Transform:
             return v2.Compose([v2.RandomResizedCrop(size, scale=ALIGN_SCALE, antialias=True), v2.RandomHorizontalFlip()]), None
         scale = self.scale or (4 * size, size)
         if self.name == "seg_train":
-            return RandomScaleCrop(scale, size), ColourJitter(**SEG_JITTER)
+            return RandomScaleCrop(scale, size, self.cat_max_ratio), ColourJitter(**SEG_JITTER)
         if self.name == "seg_eval":
             return FitResize(scale), None
         return v2.Compose([v2.Resize(int(round(size * EVAL_RESIZE_RATIO)), antialias=True), v2.CenterCrop(size)]), None
@@ -124,7 +125,8 @@ def _uniform(low: float, high: float) -> float:
 
 
 def build_transform(name: str, *, img_size: int, mean: tuple[float, ...], std: tuple[float, ...],
-                    scale: Optional[Sequence[int]] = None) -> Transform:
+                    scale: Optional[Sequence[int]] = None, cat_max_ratio: float = 1.0) -> Transform:
     if scale is not None and (len(scale) != 2 or min(scale) <= 0):
         raise UserError(f"data.scale must be [long, short] sides in pixels, got {list(scale)}")
-    return Transform(name, int(img_size), tuple(mean), tuple(std), tuple(int(side) for side in scale) if scale else None)
+    return Transform(name, int(img_size), tuple(mean), tuple(std), tuple(int(side) for side in scale) if scale else None,
+                     float(cat_max_ratio))
