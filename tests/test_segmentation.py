@@ -223,6 +223,38 @@ def test_two_rank_evaluation_equals_one_rank(seg_shards: dict, tmp_path: Path) -
     assert two["miou"] == pytest.approx(one["miou"], abs=1e-12)
 
 
+STRATEGIES = [("strategy=ddp",), ("strategy=fsdp",), ("strategy=deepspeed", "strategy.zero_stage=2"),
+              ("strategy=deepspeed", "strategy.zero_stage=3")]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("strategy", STRATEGIES, ids=lambda s: "-".join(o.split("=")[1] for o in s))
+def test_mask2former_trains_checkpoints_and_exports_under_every_strategy(strategy: tuple[str, ...], seg_shards: dict,
+                                                                          tmp_path: Path) -> None:
+    """Two ranks: finite losses, a complete checkpoint, the export's head loads strictly into the head its recorded
+    sizes describe, and the evaluation covers every validation image once."""
+    from test_distributed import run, torchrun
+
+    from adala.engine.checkpoint import COMPLETE_MARKER
+    from adala.models.weights import read_state_dict
+    from adala.stages.common import strip_prefix
+    from adala.stages.seg_heads import stored_options
+
+    if "strategy=deepspeed" in strategy:
+        pytest.importorskip("deepspeed")
+    argv = [*stage_overrides(tmp_path, seg_shards, "ade20k"), "train.max_steps=3", "train.save_every=2", *strategy]
+    run(torchrun(2, "-m", "adala", *argv), timeout=600)
+    logged = [json.loads(line)["loss"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert len(logged) == 3 and all(np.isfinite(logged)), logged
+    assert (tmp_path / "checkpoints" / "step-2" / COMPLETE_MARKER).exists()
+    export = tmp_path / "export" / "model.safetensors"
+    meta = read_export_metadata(export)
+    head = build_head("mask2former", embed_dim=64, depth=4, num_classes=meta["num_seg_classes"],
+                      options=stored_options(meta, None))
+    head.load_state_dict(strip_prefix(read_state_dict(export), "seg_head."))
+    assert json.loads((tmp_path / "metrics.json").read_text())["val_images"] == 5
+
+
 @pytest.mark.slow
 def test_resume_after_a_kill_is_exact(seg_shards: dict, tmp_path: Path) -> None:
     """A Mask2Former run killed (SIGKILL) after its step-3 checkpoint and resumed ends with the weights and

@@ -111,6 +111,26 @@ def test_a_mask2former_task_model_brings_the_sizes_of_its_head(tmp_path: Path, d
     assert meta["seg_head"] == "mask2former" and meta["mask2former"] == recorded and 0 <= result.metrics["miou"] <= 1
 
 
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("strategy", [("strategy=fsdp",), ("strategy=deepspeed", "strategy.zero_stage=3")],
+                         ids=["fsdp", "zero3"])
+def test_the_task_route_runs_on_two_ranks(strategy: tuple[str, ...], tmp_path: Path, demo_shards: dict[str, str],
+                                          seg_teacher: str) -> None:
+    """Stage 2 of a segmenter on two ranks: the frozen head is the teacher's in the export, and the mIoU is logged
+    while aligning and at the end."""
+    from test_distributed import run, torchrun
+
+    if "strategy=deepspeed" in strategy:
+        pytest.importorskip("deepspeed")
+    run(torchrun(2, "-m", "adala", *align("align_features", demo_shards, seg_teacher, tmp_path, "train.max_steps=2",
+                                          "stage.batch_size=8", *strategy)), timeout=600)
+    export = tmp_path / "export" / "model.safetensors"
+    assert all(torch.equal(value, head(seg_teacher, "seg_head.")[key])
+               for key, value in head(export, "seg_head.").items()) and head(export, "seg_head.")
+    assert read_export_metadata(export)["seg_head"] == "linear" and 2 in val_metrics(tmp_path, "miou")
+    assert 0 <= json.loads((tmp_path / "metrics.json").read_text())["miou"] <= 1
+
+
 def test_bad_input_is_one_error_before_work_starts(tmp_path: Path, demo_shards: dict[str, str], random_teacher: str,
                                                     seg_teacher: str) -> None:
     base = align("align_features", demo_shards, seg_teacher, tmp_path / "run", "train.max_steps=1")
