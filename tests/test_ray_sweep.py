@@ -196,6 +196,31 @@ def test_demo_sweep_spreads_over_two_nodes_resumes_a_killed_worker_and_writes_re
     assert re.search(r"^\| `demo_small` \|.*\| completed \|$", table, re.M)
 
 
+@pytest.mark.ray
+@pytest.mark.slow
+def test_attention_comparison_runs_on_the_cluster_and_writes_its_report(cluster: str, env: dict[str, str],
+                                                                        tmp_path: Path) -> None:
+    """``--attentions``: the softmax reference and each plug's jobs as Ray Train runs with FSDP on 2 workers, each
+    in the run directory of its attention, then the results with their attention column and the comparison's
+    Table-1-shaped report, written by the sweep itself."""
+    root = tmp_path / "compare"
+    done = subprocess.run(sweep_command(root, "--demo", "--models", "demo_tiny", "--attentions", "elu1", "--tasks",
+                                        "cls", "--address", cluster, "--workers", "2", "--strategy", "fsdp", *TINY),
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-4000:]
+    results = json.loads((root / "results.json").read_text())["models"]
+    assert [(r["attention"], r["status"]) for r in results] == [("softmax", "completed"), ("elu1", "completed")]
+    for step in ("s1_align_attention", "s2_align_features", "s3_cls", "s3_baseline_cls"):
+        config = yaml.safe_load((root / "elu1" / "demo_tiny" / step / "config.yaml").read_text())
+        assert config["strategy"]["name"] == "fsdp" and config["attention"]["kind"] == "linear", step
+    summary = json.loads((root / "compare.json").read_text())
+    assert [(r["attention"], r["variant"]) for r in summary["rows"]] == [
+        ("softmax", "teacher"), ("elu1", "adala"), ("elu1", "baseline")]
+    assert all(0 <= r["top1"] <= 1 for r in summary["rows"])
+    assert set(summary["block_errors"]) == {"elu1 AdaLA S1+S2", "elu1 linearized"}
+    assert (root / "per_block_error.png").is_file() and (root / "compare.md").read_text() in done.stdout
+
+
 def refused(command: list[str], env: dict[str, str]) -> str:
     """Run a sweep that must stop on bad input: exit code 2 and one line on stderr, which is returned."""
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
