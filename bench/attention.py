@@ -8,7 +8,7 @@ Measures forward+backward wall time and peak memory over a range of token counts
 
 A plug is timed through its ``mix(q, k, v)`` (``linear``: :func:`adala.attention.linear_attention`, kernel elu1),
 built with its default settings for ``--heads`` × ``--head-dim`` and told that the N tokens are patches on the
-grid closest to a square. A plug that fails at some N (e.g. one tied to a fixed token count) is recorded as such.
+grid closest to a square (settings left to the model, e.g. Linformer's grid, come from that grid). A plug that fails at some N (e.g. one tied to a fixed token count) is recorded as such.
 
 Each (method, tokens) case is measured in two fresh subprocesses, one for memory and one for time, so no case's
 allocations hide or inflate another's peak. Peak memory is what one forward+backward adds on top of its inputs
@@ -95,9 +95,11 @@ def mixer(method: str, tokens: int, args: argparse.Namespace) -> Callable[..., t
         return F.scaled_dot_product_attention
     if method == "linear":
         return linear_attention
+    plug_class, grid = get_plug(method), _grid(tokens)
     with torch.device(args.device):
-        plug = get_plug(method)(args.heads * args.head_dim, args.heads, head_dim=args.head_dim, dtype=DTYPES[args.dtype])
-    plug.set_token_layout(0, _grid(tokens))
+        plug = plug_class(args.heads * args.head_dim, args.heads, head_dim=args.head_dim, dtype=DTYPES[args.dtype],
+                          **plug_class.settings_for_model({}, grid))
+    plug.set_token_layout(0, grid)
     return plug.mix
 
 

@@ -182,6 +182,25 @@ def test_linformer_without_a_grid_stops_with_one_clear_error() -> None:
         plug(torch.randn(1, 1 + 40, 24, dtype=torch.float64))
 
 
+def test_linformer_takes_the_models_grid_when_converted_and_records_it() -> None:
+    """grid null (the default): E and F are laid out for the model's patch grid at conversion, so k = 256 means
+    256 rows at any resolution (capped at the patch count); the export's spec and the config buffer keep it."""
+    from adala.models import attention_config, linearize
+    from adala.models.spec import normalise_attention
+
+    assert normalise_attention({"kind": "linformer"})["grid"] is None
+    for size, grid in ((112, [7, 7]), (320, [20, 20])):
+        vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=size, depth=2)
+        model = linearize(vit, "linformer")
+        assert attention_config(model) == {"kind": "linformer", "k": 256, "grid": grid}
+        assert model.blocks[1].attn.key_proj.shape == (min(256, grid[0] * grid[1]), grid[0] * grid[1])
+        rebuilt = linearize(timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0,
+                                              img_size=size, depth=2), attention_config(model))
+        rebuilt.load_state_dict(model.state_dict(), strict=True)
+    with pytest.raises(ValueError, match="needs the patch grid .*linearize .* grid=\\[rows, columns\\]"):
+        get_plug("linformer")(24, 3)
+
+
 # -- MonarchAttention -----------------------------------------------------------------------------------------------
 
 def monarch_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b: int,
@@ -336,12 +355,14 @@ def vit_attention() -> torch.nn.Module:
 
 
 def converted(name: str, attn: torch.nn.Module, **settings) -> torch.nn.Module:
-    plug = get_plug(name).from_softmax(attn, **settings)
+    """``attn`` converted as linearize converts a ViT-S/16 at 224² (settings left to the model from its grid)."""
+    plug_class = get_plug(name)
+    plug = plug_class.from_softmax(attn, **plug_class.settings_for_model(settings, (14, 14)))
     plug.set_token_layout(1, (14, 14))
     return plug
 
 
-@pytest.mark.parametrize("name,settings", [("nystrom", {"landmarks": 196}), ("linformer", {"grid": [14, 14]}),
+@pytest.mark.parametrize("name,settings", [("nystrom", {"landmarks": 196}), ("linformer", {}),
                                            ("monarch", {"block_size": 197})])
 def test_from_softmax_reproduces_softmax_where_the_approximation_is_exact(vit_attention, name, settings) -> None:
     """Every landmark a patch, E = F = identity (k capped at 196), one Monarch block: softmax attention exactly,
@@ -377,7 +398,8 @@ NON_DEFAULT = {
 def test_state_dict_round_trip_restores_settings(name: str) -> None:
     torch.manual_seed(14)
     trained = build(name, dim=32, heads=2, prefix=1, layout=(7, 7), **NON_DEFAULT[name])
-    fresh = get_plug(name)(32, 2, qkv_bias=True, dtype=torch.float64).eval()
+    defaults = get_plug(name).settings_for_model({}, (3, 3))  # Linformer's laid out for another grid
+    fresh = get_plug(name)(32, 2, qkv_bias=True, dtype=torch.float64, **defaults).eval()
     fresh.load_state_dict(trained.state_dict())
     assert fresh.settings == {**get_plug(name).defaults, **NON_DEFAULT[name]}
     assert fresh.num_prefix_tokens == 1

@@ -3,7 +3,9 @@
     K' = E K,  V' = F V  (E, F learned, k × n),   out = softmax(Q K'ᵀ/√d) V'
 
 As in the reference code, one E and one F serve all heads of a block. Settings: ``k`` (256, the paper's) and
-``grid``, the patch grid (rows, columns) E and F are laid out for; pass the model's grid at the training resolution.
+``grid``, the patch grid (rows, columns) E and F are laid out for: by default (null) the model's grid at the
+resolution it is converted at (:func:`adala.models.linearize` fills it in, and exports record it); a module built
+directly, without a model, needs it given.
 
 - Class/register tokens are never projected: they stay exact keys and values beside the k projected ones, so
   E and F cover the patch tokens only (n = rows × columns).
@@ -39,14 +41,24 @@ class LinformerAttention(AttentionPlug):
     """Linformer attention over the patch tokens, class/register tokens kept exact (see the module docstring)."""
 
     name = "linformer"
-    defaults = {"k": 256, "grid": [14, 14]}
+    defaults = {"k": 256, "grid": None}
     stage1_trainable = ("qkv", *PROJECTIONS)
     subquadratic = True
     shapes_follow_settings = True  # E and F as trained: their k and grid come in plug_config
 
+    @classmethod
+    def settings_for_model(cls, settings: dict[str, Any], grid: tuple[int, int]) -> dict[str, Any]:
+        if settings.get("grid") is None:
+            return {**settings, "grid": [int(grid[0]), int(grid[1])]}
+        return settings
+
     def build_plug_parameters(self, device: Any = None, dtype: Any = None) -> None:
         positive_int(self.name, "k", self.settings["k"])
         grid = self.settings["grid"]
+        if grid is None:
+            raise ValueError("attention 'linformer' needs the patch grid its projections are laid out for: convert "
+                             "the model with adala.models.linearize (which takes the model's), or pass grid=[rows, "
+                             "columns]")
         if not isinstance(grid, (list, tuple)) or len(grid) != 2:
             raise ValueError(f"attention 'linformer': setting grid must be [rows, columns], got {grid!r}")
         for side in grid:

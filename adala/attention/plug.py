@@ -6,7 +6,8 @@ maps, projections, convolutions) sit beside them under names of its own. Subclas
 
 - ``name``: the registry name (``attention=<name>``; ``attn_layer="adala_<name>"`` in timm);
 - ``defaults``: the plug's own settings and their default values (JSON-serialisable), which are also the only
-  keyword arguments besides timm's that its constructor accepts;
+  keyword arguments besides timm's that its constructor accepts; a plug whose settings depend on the model (e.g.
+  Linformer's patch grid) fills them in :meth:`settings_for_model`, which :func:`adala.models.linearize` calls;
 - ``stage1_trainable``: prefixes of the parameter names that attention alignment (Stage 1) trains;
 - ``stage1_objective``: the loss Stage 1 uses unless ``stage.objective`` says otherwise (``output``: AdaLA's;
   ``attention_scores``: Hedgehog's distillation; ``head_outputs``: LoLCATS' per-head transfer);
@@ -156,6 +157,12 @@ class AttentionPlug(nn.Module):
             known = ", ".join(sorted(cls.defaults)) or "none"
             raise ValueError(f"attention {cls.name!r} has no setting {', '.join(unknown)}; its settings: {known}")
         return {**cls.defaults, **settings}
+
+    @classmethod
+    def settings_for_model(cls, settings: dict[str, Any], grid: tuple[int, int]) -> dict[str, Any]:
+        """``settings`` with those left to the model filled in from its patch ``grid`` (rows, columns) at the
+        resolution it is converted at; unchanged by default."""
+        return settings
 
     @property
     def config(self) -> dict[str, Any]:

@@ -18,7 +18,8 @@ def linearize(model: nn.Module, attention: Optional[str | Mapping[str, Any]] = N
 
     ``attention``: a spec (see :mod:`adala.models.spec`), a plug name, or None for ``linear``; ``settings``
     override the spec's (``linearize(model, kernel="relu")``). Blocks listed in the spec's ``softmax_blocks``
-    keep softmax; blocks that already use the plug are left alone. Other attention modules (e.g. SigLIP's
+    keep softmax; blocks that already use the plug are left alone. Settings left to the model (e.g. Linformer's
+grid) are filled in from its patch grid. Other attention modules (e.g. SigLIP's
     pooling head) are not part of the token mixer and stay softmax. The plugs learn the model's token layout
     (prefix tokens, patch grid), kept current for each input size by :func:`track_token_layout`.
     """
@@ -32,8 +33,9 @@ def linearize(model: nn.Module, attention: Optional[str | Mapping[str, Any]] = N
     if keep and keep[-1] >= len(blocks):
         raise ValueError(f"attention.softmax_blocks={keep}: the model has blocks 0 to {len(blocks) - 1}")
     plug = get_plug(spec["kind"])
+    settings = plug.settings_for_model(plug_settings(spec), tuple(model.patch_embed.grid_size))
     for index in set(range(len(blocks))) - set(keep):
-        convert_block(model, index, plug, plug_settings(spec))
+        convert_block(model, index, plug, settings)
     track_token_layout(model)
     return model
 

@@ -16,6 +16,7 @@ from adala.errors import UserError
 
 SOFTMAX = {"kind": "softmax"}
 RESERVED = ("kind", "softmax_blocks")  # spec keys that are not a plug's settings
+STAND_IN_GRID = (2, 2)  # a patch grid for checking settings left to the model before there is one
 
 
 def normalise_attention(attention: Optional[Mapping[str, Any]]) -> Optional[dict[str, Any]]:
@@ -39,7 +40,7 @@ def normalise_attention(attention: Optional[Mapping[str, Any]]) -> Optional[dict
     try:
         settings = plug.check_settings(settings)
         with torch.device("meta"):  # the plug's own checks of its settings, without allocating anything
-            plug(64, 1, **settings)
+            plug(64, 1, **plug.settings_for_model(settings, STAND_IN_GRID))
     except (ValueError, TypeError) as err:
         raise UserError(f"attention={kind}: {err}") from None
     return {"kind": kind, **settings, **({"softmax_blocks": blocks} if blocks else {})}
