@@ -24,7 +24,7 @@ from adala.config import compose, override
 from adala.errors import UserError
 from adala.models import attention_config, build_vfm, linearize, load_weights, normalise_attention, read_export_metadata
 from adala.models.lora import add_lora, merge_lora
-from adala.models.spec import describe, overrides
+from adala.models.spec import describe, overrides, plug_settings
 from adala.models.weights import read_state_dict
 from adala.run import run_stage
 from adala.stages.align_attention import softmax_weights
@@ -258,8 +258,13 @@ def test_stages_chain_and_resume_exactly_with_a_plug(plug: type[AttentionPlug], 
 
 TINY_SETTINGS = {  # settings that fit demo_tiny (8 × 8 patches + the class token, head_dim 16)
     "hedgehog": {"feature_dim": 16}, "lolcats": {"feature_dim": 16, "window": 16}, "nystrom": {"landmarks": 8},
-    "linformer": {"k": 16, "grid": [8, 8]},
+    "linformer": {"k": 16},  # its grid left to the model
 }
+
+
+def on_demo_tiny(spec: dict[str, Any]) -> dict[str, Any]:
+    """``spec`` as a converted demo_tiny records it: settings left to the model filled in from its 8 × 8 grid."""
+    return {**spec, **get_plug(spec["kind"]).settings_for_model(plug_settings(spec), (8, 8))}
 
 
 @pytest.mark.parametrize("name", sorted(set(PLUGS) - {NAME}))
@@ -296,7 +301,7 @@ def test_every_plug_converts_aligns_and_exports(name: str, tmp_path: Path) -> No
     model = linearize(tiny(), spec).eval()
     path = save_export(model.state_dict(), tmp_path / "m.safetensors", {"model": "demo_tiny", "attention": spec})
     loaded = build_vfm("demo_tiny", weights=path).eval()
-    assert attention_config(loaded) == spec
+    assert attention_config(loaded) == on_demo_tiny(spec)
     with torch.no_grad():
         torch.testing.assert_close(loaded(images), model(images))
 
@@ -318,4 +323,4 @@ def test_every_plug_runs_the_stages_and_resumes_exactly(name: str, tmp_path: Pat
                                                         random_teacher: str) -> None:
     spec = normalise_attention({"kind": name, **TINY_SETTINGS.get(name, {})})
     settings = [o for o in overrides(spec) if not o.startswith("attention=")]
-    chain_and_resume(tmp_path, [f"attention={name}", *settings], spec, demo_shards, random_teacher)
+    chain_and_resume(tmp_path, [f"attention={name}", *settings], on_demo_tiny(spec), demo_shards, random_teacher)

@@ -201,6 +201,23 @@ def test_linformer_takes_the_models_grid_when_converted_and_records_it() -> None
         get_plug("linformer")(24, 3)
 
 
+def test_linformer_weights_keep_their_grid_when_attention_linformer_is_asked_for_at_another_size(
+        tmp_path) -> None:
+    """grid null in a request means the model's: weights already converted satisfy it with their own grid (E and F
+    resampled at the new size); a grid given explicitly must match theirs."""
+    from adala.errors import UserError
+    from adala.models import attention_config, build_vfm, linearize, save_export
+
+    model = linearize(build_vfm("demo_tiny"), {"kind": "linformer", "k": 16})
+    path = save_export(model.state_dict(), tmp_path / "m.safetensors",
+                       {"model": "demo_tiny", "attention": attention_config(model)})
+    larger = build_vfm("demo_tiny", weights=path, attention={"kind": "linformer", "k": 16}, img_size=64)
+    assert attention_config(larger) == {"kind": "linformer", "k": 16, "grid": [8, 8]}
+    assert torch.isfinite(larger(torch.randn(1, 3, 64, 64))).all()
+    with pytest.raises(UserError, match="attention.grid=\\[8,8\\]"):
+        build_vfm("demo_tiny", weights=path, attention={"kind": "linformer", "k": 16, "grid": [16, 16]}, img_size=64)
+
+
 # -- MonarchAttention -----------------------------------------------------------------------------------------------
 
 def monarch_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b: int,

@@ -19,7 +19,7 @@ from torch import nn
 from adala.errors import UserError
 from adala.models.linearize import attention_config, linearize
 from adala.models.registry import VFMSpec, check_img_size, get_vfm
-from adala.models.spec import SOFTMAX, describe, normalise_attention, overrides
+from adala.models.spec import SOFTMAX, describe, normalise_attention, overrides, settled_by
 from adala.models.weights import load_weights, read_export_metadata
 
 log = logging.getLogger(__name__)
@@ -94,6 +94,7 @@ def _linearize(vit: nn.Module, attention: dict[str, Any]) -> None:
 
 
 def _refuse_other_linear(weights: Any, stored: dict[str, Any], requested: Optional[dict[str, Any]]) -> None:
+    requested = settled_by(requested, stored)
     if stored["kind"] != "softmax" and requested is not None and requested != stored:
         raise UserError(
             f"weights {weights} were trained with {describe(stored)}, but {describe(requested)} was asked for; "

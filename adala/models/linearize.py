@@ -32,12 +32,18 @@ grid) are filled in from its patch grid. Other attention modules (e.g. SigLIP's
     keep = spec.get("softmax_blocks", [])
     if keep and keep[-1] >= len(blocks):
         raise ValueError(f"attention.softmax_blocks={keep}: the model has blocks 0 to {len(blocks) - 1}")
-    plug = get_plug(spec["kind"])
-    settings = plug.settings_for_model(plug_settings(spec), tuple(model.patch_embed.grid_size))
+    plug, settings = plug_for(model, spec)
     for index in set(range(len(blocks))) - set(keep):
         convert_block(model, index, plug, settings)
     track_token_layout(model)
     return model
+
+
+def plug_for(model: nn.Module, spec: Mapping[str, Any]) -> tuple[type[AttentionPlug], dict[str, Any]]:
+    """The plug ``spec`` names and its settings for ``model``: those left to the model (e.g. Linformer's grid)
+    filled in from its patch grid."""
+    plug = get_plug(spec["kind"])
+    return plug, plug.settings_for_model(plug_settings(spec), tuple(model.patch_embed.grid_size))
 
 
 def convert_block(model: nn.Module, index: int, plug: type[AttentionPlug], settings: dict[str, Any]) -> None:
@@ -101,4 +107,4 @@ def _blocks(model: nn.Module) -> nn.ModuleList:
     return blocks
 
 
-__all__ = ["GridTracker", "attention_config", "convert_block", "linearize", "track_token_layout"]
+__all__ = ["GridTracker", "attention_config", "convert_block", "linearize", "plug_for", "track_token_layout"]

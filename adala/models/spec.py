@@ -52,6 +52,17 @@ def _softmax_blocks(blocks: Any) -> list[int]:
     return sorted(set(blocks))
 
 
+def settled_by(requested: Optional[Mapping[str, Any]], stored: Mapping[str, Any]) -> Optional[dict[str, Any]]:
+    """``requested`` with the settings it leaves to the model (e.g. Linformer's grid) taken from ``stored``, the
+    spec of weights already converted for a model, when both name the same plug; otherwise ``requested``."""
+    if requested is None or requested["kind"] == "softmax" or requested["kind"] != stored["kind"]:
+        return None if requested is None else dict(requested)
+    settings = plug_settings(requested)
+    filled = get_plug(requested["kind"]).settings_for_model(settings, STAND_IN_GRID)
+    left = [key for key, value in filled.items() if settings.get(key) != value and key in stored]
+    return {**requested, **{key: stored[key] for key in left}}
+
+
 def plug_settings(spec: Mapping[str, Any]) -> dict[str, Any]:
     """The plug's settings in ``spec`` (everything but its kind and softmax blocks)."""
     return {key: value for key, value in spec.items() if key not in RESERVED}

@@ -27,7 +27,7 @@ from adala.attention import AttentionPlug, get_plug
 from adala.engine.loop import Batch, StageParts, StepOutput
 from adala.errors import UserError
 from adala.models import linearize, save_export
-from adala.models.spec import plug_settings
+from adala.models.linearize import plug_for
 from adala.stages.common import FrozenModule, all_parameters, export_metadata, frozen_teacher, strip_prefix
 from adala.stages.task_model import backbone_of, build_student, check_task, export_state, stage1_student, task_of
 
@@ -106,10 +106,10 @@ class AttentionBranches(nn.Module):
 
     def __init__(self, vit: nn.Module, attention: dict[str, Any], objective: str) -> None:
         super().__init__()
-        plug = get_plug(attention["kind"])
+        plug, settings = plug_for(vit, attention)
         keep = set(attention.get("softmax_blocks", []))
         self.blocks = nn.ModuleDict({
-            str(i): plug.from_softmax(block.attn, **plug_settings(attention))
+            str(i): plug.from_softmax(block.attn, **settings)
             for i, block in enumerate(vit.blocks) if i not in keep
         })
         self.loss = LOSSES[objective]
