@@ -19,8 +19,8 @@ def linearize(model: nn.Module, attention: Optional[str | Mapping[str, Any]] = N
     ``attention``: a spec (see :mod:`adala.models.spec`), a plug name, or None for ``linear``; ``settings``
     override the spec's (``linearize(model, kernel="relu")``). Blocks listed in the spec's ``softmax_blocks``
     keep softmax; blocks that already use the plug are left alone. Settings left to the model (e.g. Linformer's
-grid) are filled in from its patch grid. Other attention modules (e.g. SigLIP's
-    pooling head) are not part of the token mixer and stay softmax. The plugs learn the model's token layout
+    grid) are filled in from its patch grid. Other attention modules (e.g. SigLIP's pooling head) are not part of
+    the token mixer and stay softmax. The plugs learn the model's token layout
     (prefix tokens, patch grid), kept current for each input size by :func:`track_token_layout`.
     """
     blocks = _blocks(model)
