@@ -8,7 +8,8 @@ Measures forward+backward wall time and peak memory over a range of token counts
 
 A plug is timed through its ``mix(q, k, v)`` (``linear``: :func:`adala.attention.linear_attention`, kernel elu1),
 built with its default settings for ``--heads`` × ``--head-dim`` and told that the N tokens are patches on the
-grid closest to a square (settings left to the model, e.g. Linformer's grid, come from that grid). A plug that fails at some N (e.g. one tied to a fixed token count) is recorded as such.
+grid closest to a square (settings left to the model, e.g. Linformer's grid, come from that grid). A plug that
+fails at some N (e.g. one tied to a fixed token count) is recorded as such.
 
 Each (method, tokens) case is measured in two fresh subprocesses, one for memory and one for time, so no case's
 allocations hide or inflate another's peak. Peak memory is what one forward+backward adds on top of its inputs
